@@ -1,0 +1,191 @@
+//! Core placement and executor start-up.
+//!
+//! One control executor serves the worker protocol; N shard executors own stream groups. Each is a
+//! glommio `LocalExecutor` pinned to a CPU. io_uring registers each executor's I/O buffer as
+//! locked memory (once per ring, three rings), so the buffer size is chosen to fit the process's
+//! `RLIMIT_MEMLOCK`.
+
+use glommio::{LocalExecutorBuilder, Placement};
+use std::fmt;
+use std::future::Future;
+
+/// Rings per glommio executor that register the I/O buffer (main, latency, poll).
+const RINGS_PER_EXECUTOR: usize = 3;
+/// glommio never uses less than this for the I/O buffer.
+pub const MIN_IO_MEMORY: usize = 64 << 10;
+/// What we ask for when the limit allows it: ringcast does network I/O, not O_DIRECT files.
+pub const PREFERRED_IO_MEMORY: usize = 512 << 10;
+
+/// The CPUs this process may run on (its affinity mask), in ascending order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            return (0..n).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect()
+    }
+}
+
+/// Where each executor runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorePlan {
+    pub control_cpu: usize,
+    pub shard_cpus: Vec<usize>,
+}
+
+impl CorePlan {
+    /// Places the control executor on `control_cpu` (default 0) and `shards` shard executors
+    /// (default: one per remaining CPU, at least one) round-robin over the other CPUs. With more
+    /// shards than CPUs, several shards share a CPU; on a 1-CPU host they share the control CPU.
+    pub fn new(cpus: &[usize], shards: Option<usize>, control_cpu: Option<usize>) -> Result<Self, String> {
+        let cpus = if cpus.is_empty() { &[0][..] } else { cpus };
+        let control_cpu = control_cpu.unwrap_or(cpus[0]);
+        if !cpus.contains(&control_cpu) {
+            return Err(format!(
+                "--control-core {control_cpu} is not a CPU this process may run on (allowed: {cpus:?})"
+            ));
+        }
+        let shards = shards.unwrap_or(cpus.len().saturating_sub(1).max(1));
+        if shards == 0 {
+            return Err("--shards must be at least 1".into());
+        }
+        let others: Vec<usize> = cpus.iter().copied().filter(|&cpu| cpu != control_cpu).collect();
+        let pool = if others.is_empty() { vec![control_cpu] } else { others };
+        let shard_cpus = (0..shards).map(|i| pool[i % pool.len()]).collect();
+        Ok(CorePlan { control_cpu, shard_cpus })
+    }
+
+    pub fn executor_count(&self) -> usize {
+        1 + self.shard_cpus.len()
+    }
+}
+
+/// Why the locked-memory budget does not allow the executors to start.
+#[derive(Debug)]
+pub struct MemlockError {
+    pub limit_bytes: u64,
+    pub needed_bytes: u64,
+}
+
+impl fmt::Display for MemlockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "locked memory limit (ulimit -l) is {} KiB but {} KiB are needed for io_uring buffers; \
+             raise it (`ulimit -l {}` in the start script, or LimitMEMLOCK= in the systemd unit) \
+             or start fewer shards with --shards",
+            self.limit_bytes / 1024,
+            self.needed_bytes / 1024,
+            self.needed_bytes.div_ceil(1024)
+        )
+    }
+}
+
+/// Chooses the per-executor I/O buffer size that fits `limit_bytes` of locked memory, or says
+/// how much is missing. `None` = unlimited (or the process may lock memory without limit).
+pub fn io_memory_per_executor(executors: usize, limit_bytes: Option<u64>) -> Result<usize, MemlockError> {
+    let Some(limit) = limit_bytes else {
+        return Ok(PREFERRED_IO_MEMORY);
+    };
+    // Keep a quarter of the limit for anything else that locks memory.
+    let budget = limit - limit / 4;
+    let per_executor = budget as usize / (executors * RINGS_PER_EXECUTOR);
+    let io_memory = (per_executor.min(PREFERRED_IO_MEMORY) / MIN_IO_MEMORY) * MIN_IO_MEMORY;
+    if io_memory < MIN_IO_MEMORY {
+        let needed = (executors * RINGS_PER_EXECUTOR * MIN_IO_MEMORY) as u64 * 4 / 3;
+        return Err(MemlockError { limit_bytes: limit, needed_bytes: needed });
+    }
+    Ok(io_memory)
+}
+
+/// The locked-memory limit that applies to this process: `None` when unlimited or when the
+/// process has CAP_IPC_LOCK (root), which io_uring honours.
+pub fn memlock_limit() -> Option<u64> {
+    let mut rlim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass; RLIMIT_MEMLOCK is a valid resource.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rlim) };
+    if rc != 0 || rlim.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return None;
+    }
+    Some(rlim.rlim_cur)
+}
+
+/// Starts a pinned executor on its own thread running `fut_gen()`.
+pub fn spawn_pinned<G, F, T>(
+    name: &str,
+    cpu: usize,
+    io_memory: usize,
+    fut_gen: G,
+) -> Result<glommio::ExecutorJoinHandle<T>, String>
+where
+    G: FnOnce() -> F + Send + 'static,
+    F: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    LocalExecutorBuilder::new(Placement::Fixed(cpu))
+        .name(name)
+        .io_memory(io_memory)
+        .spawn(fut_gen)
+        .map_err(|e| {
+            format!(
+                "cannot start executor {name} on CPU {cpu}: {e} (if this is an out-of-memory or \
+                 permission error from io_uring, raise the locked memory limit with `ulimit -l` \
+                 or start fewer shards with --shards)"
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_plan_uses_remaining_cores() {
+        let plan = CorePlan::new(&[0, 1, 2, 3], None, None).unwrap();
+        assert_eq!(plan, CorePlan { control_cpu: 0, shard_cpus: vec![1, 2, 3] });
+    }
+
+    #[test]
+    fn one_cpu_host_shares_the_control_cpu() {
+        let plan = CorePlan::new(&[0], None, None).unwrap();
+        assert_eq!(plan, CorePlan { control_cpu: 0, shard_cpus: vec![0] });
+    }
+
+    #[test]
+    fn more_shards_than_cpus_wrap_around() {
+        let plan = CorePlan::new(&[0, 1], Some(3), Some(1)).unwrap();
+        assert_eq!(plan, CorePlan { control_cpu: 1, shard_cpus: vec![0, 0, 0] });
+    }
+
+    #[test]
+    fn bad_control_core_and_zero_shards_are_errors() {
+        assert!(CorePlan::new(&[0, 1], None, Some(2)).is_err());
+        assert!(CorePlan::new(&[0, 1], Some(0), None).is_err());
+    }
+
+    #[test]
+    fn io_memory_fits_the_default_8_mib_limit() {
+        let io = io_memory_per_executor(3, Some(8 << 20)).unwrap();
+        assert!(io >= MIN_IO_MEMORY && 3 * RINGS_PER_EXECUTOR * io <= 8 << 20);
+    }
+
+    #[test]
+    fn too_small_a_limit_says_how_much_is_needed() {
+        let err = io_memory_per_executor(8, Some(64 << 10)).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("ulimit -l"), "{text}");
+        assert!(err.needed_bytes > err.limit_bytes);
+    }
+
+    #[test]
+    fn unlimited_gets_the_preferred_size() {
+        assert_eq!(io_memory_per_executor(16, None).unwrap(), PREFERRED_IO_MEMORY);
+    }
+}

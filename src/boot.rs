@@ -1,0 +1,160 @@
+//! Start-up and shutdown: read the config, place executors on cores, bind listeners (so that
+//! every start-up failure is one clear line and exit code 2), run until SIGINT/SIGTERM.
+
+use crate::cli::Cli;
+use crate::config::{self, ConfigError, EngineConfig};
+use crate::{control, EXIT_START_FAILED};
+use ringcast_shards::runtime::{self, CorePlan};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+}
+
+/// A start-up failure, phrased for the user.
+struct StartError(String);
+
+impl From<ConfigError> for StartError {
+    fn from(e: ConfigError) -> Self {
+        StartError(e.0)
+    }
+}
+
+/// `ringcast check-config PATH`.
+pub fn check_config(path: &Path) -> i32 {
+    match config::load(path) {
+        Ok(config) => {
+            for worker in &config.unsupported_workers {
+                eprintln!("warning: worker {worker} is not supported by ringcast and will not start");
+            }
+            print!("{}", serde_yaml::to_string(&config).unwrap_or_default());
+            eprintln!("{}: config OK", path.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_START_FAILED
+        }
+    }
+}
+
+/// The config in force: `--config`, else `./config.yaml`, else the embedded default.
+fn load_config(cli: &Cli) -> Result<EngineConfig, StartError> {
+    if let Some(path) = &cli.config {
+        return Ok(config::load(path)?);
+    }
+    let local = Path::new("config.yaml");
+    if local.exists() {
+        tracing::info!("using ./config.yaml");
+        return Ok(config::load(local)?);
+    }
+    tracing::info!("no config file given and no ./config.yaml: using the embedded default");
+    Ok(config::parse(config::EMBEDDED_DEFAULT, "embedded default config")?)
+}
+
+/// Binds a listening TCP socket now, so a port in use is reported before anything starts.
+fn bind(host: &str, port: u16, what: &str, reuse_port: bool) -> Result<(OwnedFd, SocketAddr), StartError> {
+    let addr = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| StartError(format!("{what}: cannot resolve host {host:?}")))?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
+        .map_err(|e| StartError(format!("{what}: cannot create socket: {e}")))?;
+    let _ = socket.set_reuse_address(true);
+    if reuse_port {
+        let _ = socket.set_reuse_port(true);
+    }
+    socket.bind(&addr.into()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            StartError(format!(
+                "{what}: port {port} on {host} is already in use; stop the other process or choose another port in the config"
+            ))
+        } else {
+            StartError(format!("{what}: cannot bind {addr}: {e}"))
+        }
+    })?;
+    socket
+        .listen(4096)
+        .map_err(|e| StartError(format!("{what}: cannot listen on {addr}: {e}")))?;
+    let local = socket.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(addr);
+    Ok((socket.into(), local))
+}
+
+/// `ringcast [--config PATH]`: runs the engine until SIGINT/SIGTERM.
+pub fn run(cli: &Cli) -> i32 {
+    match start(cli) {
+        Ok(()) => 0,
+        Err(StartError(message)) => {
+            tracing::error!("{message}");
+            EXIT_START_FAILED
+        }
+    }
+}
+
+fn start(cli: &Cli) -> Result<(), StartError> {
+    let config = load_config(cli)?;
+    for worker in &config.unsupported_workers {
+        tracing::warn!("worker {worker} is not supported by ringcast; it will not start");
+    }
+    let plan = CorePlan::new(&runtime::allowed_cpus(), cli.shards, cli.control_core).map_err(StartError)?;
+    let io_memory = runtime::io_memory_per_executor(plan.executor_count(), runtime::memlock_limit())
+        .map_err(|e| StartError(e.to_string()))?;
+
+    let wm = &config.worker_manager;
+    let (worker_fd, worker_addr) = bind(&wm.host, wm.port, "iii-worker-manager", false)?;
+    if config.stream.is_some() {
+        tracing::warn!("iii-stream is configured but the stream module is not part of this build yet");
+    }
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, shutdown.clone())
+            .map_err(|e| StartError(format!("cannot install signal handler: {e}")))?;
+    }
+
+    let control_config = wm.clone();
+    let control_flag = shutdown.clone();
+    let control = runtime::spawn_pinned("ringcast-control", plan.control_cpu, io_memory, move || {
+        control::run(worker_fd, control_config, control_flag)
+    })
+    .map_err(StartError)?;
+
+    let mut shards = Vec::new();
+    for (index, cpu) in plan.shard_cpus.iter().enumerate() {
+        let flag = shutdown.clone();
+        let handle = runtime::spawn_pinned(&format!("ringcast-shard-{index}"), *cpu, io_memory, move || async move {
+            while !flag.load(Ordering::Relaxed) {
+                glommio::timer::sleep(Duration::from_millis(25)).await;
+            }
+        });
+        match handle {
+            Ok(h) => shards.push(h),
+            Err(e) => {
+                shutdown.store(true, Ordering::Relaxed);
+                return Err(StartError(e));
+            }
+        }
+    }
+    tracing::info!(
+        control_cpu = plan.control_cpu,
+        shard_cpus = ?plan.shard_cpus,
+        io_memory_kib = io_memory / 1024,
+        "ringcast ready: workers on ws://{worker_addr}/"
+    );
+
+    let _ = control.join();
+    for shard in shards {
+        let _ = shard.join();
+    }
+    tracing::info!("ringcast stopped");
+    Ok(())
+}

@@ -1,0 +1,354 @@
+//! The iii engine config format (`workers:` list, `${VAR:default}` interpolation), read into
+//! ringcast's typed configuration. Recognised workers are validated strictly; other iii workers
+//! are reported as unsupported and start nothing.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::Path;
+
+/// The config used when no `--config` is given and `./config.yaml` does not exist.
+pub const EMBEDDED_DEFAULT: &str = "\
+# ringcast embedded default: worker protocol and streams on loopback, in-memory store.
+workers:
+  - name: iii-worker-manager
+    config:
+      host: 127.0.0.1
+      port: 49134
+  - name: iii-stream
+    config:
+      host: 127.0.0.1
+      port: 3112
+      adapter:
+        name: kv
+        config:
+          store_method: in_memory
+";
+
+/// A configuration error, already phrased for the user.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Everything the engine needs from the config file.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineConfig {
+    pub worker_manager: WorkerManagerConfig,
+    pub stream: Option<StreamConfig>,
+    /// iii workers listed in the file that ringcast does not implement.
+    pub unsupported_workers: Vec<String>,
+}
+
+/// `iii-worker-manager`: the worker protocol listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerManagerConfig {
+    #[serde(default = "default_worker_host")]
+    pub host: String,
+    #[serde(default = "default_worker_port")]
+    pub port: u16,
+    /// Largest WebSocket message accepted from a worker.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// A connection that has not completed its upgrade in this time is closed.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Engine-side limit on a worker-dispatched invocation; absent = no limit (as the reference).
+    #[serde(default)]
+    pub invocation_timeout_ms: Option<u64>,
+    /// Deepest JSON nesting accepted in a frame.
+    #[serde(default = "default_max_json_depth")]
+    pub max_json_depth: usize,
+}
+
+impl Default for WorkerManagerConfig {
+    fn default() -> Self {
+        WorkerManagerConfig {
+            host: default_worker_host(),
+            port: default_worker_port(),
+            max_message_bytes: default_max_message_bytes(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            invocation_timeout_ms: None,
+            max_json_depth: default_max_json_depth(),
+        }
+    }
+}
+
+/// `iii-stream`: the stream module and its subscriber WebSocket.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    #[serde(default = "default_stream_host")]
+    pub host: String,
+    #[serde(default = "default_stream_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub auth_function: Option<String>,
+    #[serde(default)]
+    pub adapter: Option<AdapterConfig>,
+}
+
+/// `adapter: {name, config}` of the stream module.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterConfig {
+    pub name: String,
+    #[serde(default)]
+    pub config: Option<serde_yaml::Value>,
+}
+
+fn default_worker_host() -> String {
+    "0.0.0.0".into()
+}
+fn default_worker_port() -> u16 {
+    49134
+}
+fn default_stream_host() -> String {
+    "0.0.0.0".into()
+}
+fn default_stream_port() -> u16 {
+    3112
+}
+fn default_max_message_bytes() -> usize {
+    64 << 20
+}
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_json_depth() -> usize {
+    128
+}
+
+/// Top level of the file. Unknown keys are rejected, as in the reference.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    workers: Vec<RawWorker>,
+    /// Legacy name of `workers`, merged after it.
+    #[serde(default)]
+    modules: Vec<RawWorker>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    registration_namespace_grace_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    name: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    image: Option<String>,
+    #[serde(default)]
+    config: Option<serde_yaml::Value>,
+}
+
+/// Keys of the reference's `iii-worker-manager` that ringcast deliberately does not implement;
+/// named in the error so users know it is not a typo.
+const UNSUPPORTED_WORKER_MANAGER_KEYS: &[&str] = &["rbac", "middleware_function_id"];
+
+/// Reads and parses a config file from disk.
+pub fn load(path: &Path) -> Result<EngineConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError(format!("cannot read config file {}: {e}", path.display()))
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses config text; `origin` names the file in error messages.
+pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
+    let expanded = interpolate(text, |name| std::env::var(name).ok())
+        .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+    let raw: RawFile = serde_yaml::from_str(&expanded)
+        .map_err(|e| ConfigError(format!("{origin}: invalid config: {e}")))?;
+
+    let mut worker_manager: Option<WorkerManagerConfig> = None;
+    let mut stream: Option<StreamConfig> = None;
+    let mut unsupported_workers = Vec::new();
+    for worker in raw.workers.into_iter().chain(raw.modules) {
+        let config = worker.config.unwrap_or(serde_yaml::Value::Null);
+        match worker.name.as_str() {
+            "iii-worker-manager" => {
+                if worker_manager.is_some() {
+                    unsupported_workers.push(format!(
+                        "{} (a second listener; ringcast serves one worker port)",
+                        worker.name
+                    ));
+                    continue;
+                }
+                if let serde_yaml::Value::Mapping(map) = &config {
+                    for key in UNSUPPORTED_WORKER_MANAGER_KEYS {
+                        if map.contains_key(*key) {
+                            return Err(ConfigError(format!(
+                                "{origin}: iii-worker-manager.{key} is not supported by ringcast; remove it"
+                            )));
+                        }
+                    }
+                }
+                worker_manager = Some(typed_section(config, &worker.name, origin)?);
+            }
+            "iii-stream" => {
+                stream = Some(typed_section(config, &worker.name, origin)?);
+            }
+            other => unsupported_workers.push(other.to_string()),
+        }
+    }
+    Ok(EngineConfig {
+        worker_manager: worker_manager.unwrap_or_default(),
+        stream,
+        unsupported_workers,
+    })
+}
+
+/// Decodes one worker's `config:` block; an absent block means all defaults.
+fn typed_section<T: serde::de::DeserializeOwned>(
+    config: serde_yaml::Value,
+    worker: &str,
+    origin: &str,
+) -> Result<T, ConfigError> {
+    let config = match config {
+        serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
+        other => other,
+    };
+    serde_yaml::from_value(config)
+        .map_err(|e| ConfigError(format!("{origin}: worker {worker}: {e}")))
+}
+
+/// Expands `${NAME}` and `${NAME:default}` textually, before YAML parsing, as the reference does
+/// (name: any characters but `}` and `:`; default: any characters but `}`). Full-line comments
+/// are left alone so a commented-out `${UNSET}` does not stop the engine.
+pub fn interpolate(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        let mut rest = line;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                out.push_str(&rest[start..]);
+                rest = "";
+                break;
+            };
+            let inner = &after[..end];
+            let (name, default) = match inner.split_once(':') {
+                Some((name, default)) => (name, Some(default)),
+                None => (inner, None),
+            };
+            match (lookup(name), default) {
+                (Some(value), _) => out.push_str(&value),
+                (None, Some(default)) => out.push_str(default),
+                (None, None) => {
+                    return Err(format!(
+                        "line {}: environment variable {name} is not set and ${{{name}}} has no default (write ${{{name}:default}})",
+                        index + 1
+                    ))
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "PORT" => Some("5000".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn interpolation_uses_value_then_default() {
+        assert_eq!(interpolate("p: ${PORT}", env).unwrap(), "p: 5000");
+        assert_eq!(interpolate("p: ${NOPE:7}", env).unwrap(), "p: 7");
+        assert_eq!(interpolate("p: ${NOPE:}", env).unwrap(), "p: ");
+        assert_eq!(interpolate("a ${PORT} b ${X:y}", env).unwrap(), "a 5000 b y");
+    }
+
+    #[test]
+    fn unset_variable_without_default_names_variable_and_line() {
+        let err = interpolate("workers:\n  port: ${MISSING}\n", env).unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("MISSING"), "{err}");
+    }
+
+    #[test]
+    fn comment_lines_are_not_interpolated() {
+        assert_eq!(interpolate("  # ${MISSING}\n", env).unwrap(), "  # ${MISSING}\n");
+    }
+
+    #[test]
+    fn embedded_default_parses_to_loopback() {
+        let config = parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert_eq!(config.worker_manager.host, "127.0.0.1");
+        assert_eq!(config.worker_manager.port, 49134);
+        let stream = config.stream.unwrap();
+        assert_eq!((stream.host.as_str(), stream.port), ("127.0.0.1", 3112));
+    }
+
+    #[test]
+    fn unknown_workers_are_reported_not_started() {
+        let config = parse(
+            "workers:\n  - name: iii-http\n    config: {port: 3111}\n  - name: iii-cron\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.unsupported_workers, vec!["iii-http", "iii-cron"]);
+        assert!(config.stream.is_none());
+    }
+
+    #[test]
+    fn unknown_key_in_recognised_worker_is_an_error() {
+        let err = parse(
+            "workers:\n  - name: iii-worker-manager\n    config: {prot: 1}\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(err.0.contains("prot"), "{err}");
+        assert!(err.0.contains("iii-worker-manager"), "{err}");
+    }
+
+    #[test]
+    fn rbac_is_refused_explicitly() {
+        let err = parse(
+            "workers:\n  - name: iii-worker-manager\n    config: {rbac: {}}\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(err.0.contains("not supported"), "{err}");
+    }
+
+    #[test]
+    fn legacy_modules_list_is_merged() {
+        let config = parse(
+            "modules:\n  - name: iii-worker-manager\n    config: {port: 1234}\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.worker_manager.port, 1234);
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_an_error() {
+        assert!(parse("wrokers: []\n", "t").is_err());
+    }
+}

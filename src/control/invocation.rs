@@ -1,0 +1,363 @@
+//! Invocation routing and result correlation (spec §4): sync, void and enqueue calls, the
+//! pending table keyed by invocation id, and how each call is answered.
+
+use super::builtins::{BuiltinReply, CallCtx, Handler};
+use super::engine::{ConnId, Engine};
+use super::registry::{is_blank, DEFAULT_NS};
+use super::wire::{Action, ErrorBody, InvocationResult, InvokeFunction, Outbound};
+use futures_channel::oneshot;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Outcome of a call: a result (`None` = the function returned nothing) or an error.
+pub type Outcome = Result<Option<Value>, ErrorBody>;
+
+/// Who is told when an invocation completes.
+pub enum Reply {
+    /// A worker waiting with its own invocation id.
+    Caller { conn: ConnId, invocation_id: String, function_id: String },
+    /// An engine-internal caller (enqueue, triggers, other modules).
+    Internal(oneshot::Sender<Outcome>),
+    /// Nobody (void calls, trigger fires, callers that left).
+    Discard,
+}
+
+/// An invocation forwarded to a worker, waiting for its `invocationresult`.
+pub struct Pending {
+    pub owner: ConnId,
+    pub reply: Reply,
+}
+
+/// A call to route.
+pub struct Call {
+    pub namespace: String,
+    pub function_id: String,
+    pub data: Value,
+    pub metadata: Option<Value>,
+    pub traceparent: Option<String>,
+    pub baggage: Option<String>,
+    /// The caller's id, reused on the hop to the owner for sync calls (spec §4.2).
+    pub forward_id: Option<Uuid>,
+    pub caller: Option<ConnId>,
+}
+
+impl Call {
+    /// An engine-originated call (trigger fires, enqueue, modules).
+    pub fn internal(namespace: &str, function_id: &str, data: Value, metadata: Option<Value>) -> Call {
+        Call {
+            namespace: namespace.to_string(),
+            function_id: function_id.to_string(),
+            data,
+            metadata,
+            traceparent: None,
+            baggage: None,
+            forward_id: None,
+            caller: None,
+        }
+    }
+}
+
+/// Rewrites the `iii.function.id` baggage entry to the target, as the reference does.
+fn rewrite_baggage(baggage: Option<&str>, function_id: &str) -> Option<String> {
+    let baggage = baggage?;
+    let entries: Vec<String> = baggage
+        .split(',')
+        .map(|entry| {
+            if entry.trim_start().starts_with("iii.function.id=") {
+                format!("iii.function.id={function_id}")
+            } else {
+                entry.to_string()
+            }
+        })
+        .collect();
+    Some(entries.join(","))
+}
+
+impl Engine {
+    /// An `invokefunction` from a worker.
+    pub fn invoke_from_worker(&mut self, conn: ConnId, m: InvokeFunction) {
+        let void = matches!(m.action, Some(Action::Void));
+        // The caller's id, for the answer; void calls get none.
+        let caller_id = if void { None } else { m.invocation_id.clone() };
+        let parsed_id = match caller_id.as_deref().map(Uuid::parse_str) {
+            Some(Err(_)) => {
+                let id = caller_id.unwrap();
+                tracing::warn!(invocation_id = %id, "invokefunction with a non-UUID invocation_id refused");
+                self.reply_to_worker(
+                    conn,
+                    &id,
+                    &m.function_id,
+                    Err(ErrorBody::new(
+                        "invalid_invocation_id",
+                        format!("invocation_id {id:?} is not a UUID"),
+                    )),
+                    None,
+                    None,
+                );
+                return;
+            }
+            Some(Ok(uuid)) => Some(uuid),
+            None => None,
+        };
+        let reply = match &caller_id {
+            Some(id) => Reply::Caller { conn, invocation_id: id.clone(), function_id: m.function_id.clone() },
+            None => Reply::Discard,
+        };
+        if is_blank(&m.namespace) {
+            self.complete(reply, Err(ErrorBody::new("INVALID_NAMESPACE", "the namespace field is present but empty")), None, None);
+            return;
+        }
+        let namespace = m.namespace.unwrap_or_else(|| DEFAULT_NS.to_string());
+        if let Some(Action::Enqueue { queue }) = m.action {
+            self.enqueue(&namespace, queue, m.function_id, m.data, m.traceparent, m.baggage, reply);
+            return;
+        }
+        let mut data = m.data;
+        if let Value::Object(map) = &mut data {
+            let worker_id = self.conns[&conn].worker_id.clone();
+            map.insert("_caller_worker_id".to_string(), Value::String(worker_id));
+        }
+        let call = Call {
+            namespace,
+            function_id: m.function_id,
+            data,
+            metadata: m.metadata,
+            traceparent: m.traceparent,
+            baggage: m.baggage,
+            forward_id: parsed_id,
+            caller: Some(conn),
+        };
+        self.invoke(call, reply);
+    }
+
+    /// Routes a call to its function and arranges for `reply` to be answered.
+    pub fn invoke(&mut self, call: Call, reply: Reply) {
+        let handler = match self.functions.get(&call.namespace, &call.function_id) {
+            Some(f) => f.handler,
+            None => {
+                let mut message = format!("Function {} not found in namespace {}.", call.function_id, call.namespace);
+                let elsewhere = self.functions.namespaces_holding(&call.function_id, &call.namespace);
+                if !elsewhere.is_empty() {
+                    message.push_str(&format!(" It is registered in namespace(s): {}.", elsewhere.join(", ")));
+                }
+                self.complete(reply, Err(ErrorBody::new("function_not_found", message)), None, None);
+                return;
+            }
+        };
+        match handler {
+            Handler::Builtin(run) => {
+                let ctx = CallCtx { caller: call.caller, metadata: call.metadata };
+                match run(self, &ctx, call.data) {
+                    BuiltinReply::Now(outcome) => self.complete(reply, outcome, None, None),
+                    BuiltinReply::Later(fut) => {
+                        let engine = self.self_ref.clone();
+                        self.spawn(async move {
+                            let outcome = fut.await;
+                            if let Some(engine) = engine.upgrade() {
+                                engine.borrow_mut().complete(reply, outcome, None, None);
+                            }
+                        });
+                    }
+                }
+            }
+            Handler::Worker(owner) => self.forward(owner, call, reply),
+        }
+    }
+
+    /// Sends the call to the worker that owns the function and records it as pending.
+    fn forward(&mut self, owner: ConnId, call: Call, reply: Reply) {
+        let id = match call.forward_id {
+            Some(id) if !self.pending.contains_key(&id) => id,
+            _ => Uuid::new_v4(),
+        };
+        let id_text = id.hyphenated().to_string();
+        let baggage = rewrite_baggage(call.baggage.as_deref(), &call.function_id);
+        let Some(owner_conn) = self.conns.get_mut(&owner) else {
+            self.complete(reply, Err(ErrorBody::new("channel_send_failed", "the function's worker is gone")), None, None);
+            return;
+        };
+        owner_conn.owner_inflight.insert(id);
+        owner_conn.send(&Outbound::InvokeFunction {
+            invocation_id: &id_text,
+            function_id: &call.function_id,
+            data: &call.data,
+            traceparent: call.traceparent.as_deref(),
+            baggage: baggage.as_deref(),
+            metadata: call.metadata.as_ref(),
+        });
+        if let Reply::Caller { conn, .. } = &reply {
+            if let Some(caller) = self.conns.get_mut(conn) {
+                caller.caller_inflight.insert(id);
+            }
+        }
+        if let Some(timeout_ms) = self.config.invocation_timeout_ms {
+            self.deadlines.push_back((Instant::now() + Duration::from_millis(timeout_ms), id));
+        }
+        self.pending.insert(id, Pending { owner, reply });
+    }
+
+    /// An `invocationresult` from the worker that ran a function.
+    pub fn invocation_result(&mut self, _conn: ConnId, m: InvocationResult) {
+        let Ok(id) = Uuid::parse_str(&m.invocation_id) else {
+            tracing::debug!(invocation_id = %m.invocation_id, "invocationresult with a non-UUID id dropped");
+            return;
+        };
+        // Unknown ids (caller gone, halted, bogus) are dropped without noise.
+        let Some(pending) = self.pending.remove(&id) else { return };
+        if let Some(owner) = self.conns.get_mut(&pending.owner) {
+            owner.owner_inflight.remove(&id);
+        }
+        self.forget_caller(&pending.reply, &id);
+        let outcome = match m.error {
+            Some(error) => Err(error),
+            None => Ok(m.result),
+        };
+        self.complete(pending.reply, outcome, m.traceparent, m.baggage);
+    }
+
+    /// Removes `id` from the waiting caller's in-flight set.
+    pub fn forget_caller(&mut self, reply: &Reply, id: &Uuid) {
+        if let Reply::Caller { conn, .. } = reply {
+            if let Some(caller) = self.conns.get_mut(conn) {
+                caller.caller_inflight.remove(id);
+            }
+        }
+    }
+
+    /// Delivers an outcome to whoever waits for it.
+    pub fn complete(&mut self, reply: Reply, outcome: Outcome, traceparent: Option<String>, baggage: Option<String>) {
+        match reply {
+            Reply::Caller { conn, invocation_id, function_id } => {
+                self.reply_to_worker(conn, &invocation_id, &function_id, outcome, traceparent, baggage)
+            }
+            Reply::Internal(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Reply::Discard => {
+                if let Err(e) = outcome {
+                    tracing::debug!(code = %e.code, message = %e.message, "call without a waiting caller failed");
+                }
+            }
+        }
+    }
+
+    fn reply_to_worker(
+        &self,
+        conn: ConnId,
+        invocation_id: &str,
+        function_id: &str,
+        outcome: Outcome,
+        traceparent: Option<String>,
+        baggage: Option<String>,
+    ) {
+        let Some(caller) = self.conns.get(&conn) else { return };
+        let (result, error) = match &outcome {
+            Ok(result) => (result.as_ref(), None),
+            Err(e) => (None, Some(e)),
+        };
+        caller.send(&Outbound::InvocationResult {
+            invocation_id,
+            function_id,
+            result,
+            error,
+            traceparent: traceparent.as_deref(),
+            baggage: baggage.as_deref(),
+        });
+    }
+
+    /// Enqueue (spec §4.5): handed to `engine::queue::enqueue`, answered with a receipt.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &mut self,
+        namespace: &str,
+        queue: String,
+        function_id: String,
+        data: Value,
+        traceparent: Option<String>,
+        baggage: Option<String>,
+        reply: Reply,
+    ) {
+        const PROVIDER: &str = "engine::queue::enqueue";
+        if self.functions.get(DEFAULT_NS, PROVIDER).is_none() {
+            self.complete(
+                reply,
+                Err(ErrorBody::new(
+                    "enqueue_error",
+                    format!(
+                        "cannot enqueue to queue {queue:?}: no queue is configured (ringcast has no built-in queue; \
+                         connect a worker that provides {PROVIDER}, such as the iii queue worker)"
+                    ),
+                )),
+                None,
+                None,
+            );
+            return;
+        }
+        let receipt = Uuid::new_v4().to_string();
+        let mut payload = serde_json::json!({
+            "queue": queue,
+            "function_id": function_id,
+            "data": data,
+            "messageReceiptId": receipt,
+            "traceparent": traceparent,
+            "baggage": baggage,
+        });
+        if namespace != DEFAULT_NS {
+            payload["namespace"] = Value::String(namespace.to_string());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.invoke(Call::internal(DEFAULT_NS, PROVIDER, payload, None), Reply::Internal(tx));
+        let engine = self.self_ref.clone();
+        self.spawn(async move {
+            let outcome = match rx.await {
+                Ok(Ok(_)) => Ok(Some(serde_json::json!({ "messageReceiptId": receipt }))),
+                Ok(Err(e)) => Err(ErrorBody::new("enqueue_error", format!("{}: {}", e.code, e.message))),
+                Err(_) => Err(ErrorBody::new("enqueue_error", "the queue provider went away")),
+            };
+            if let Some(engine) = engine.upgrade() {
+                engine.borrow_mut().complete(reply, outcome, None, None);
+            }
+        });
+    }
+
+    /// Fails invocations older than the configured engine-side timeout. Returns how long until
+    /// the next deadline, if any.
+    pub fn expire_invocations(&mut self, now: Instant) -> Option<Duration> {
+        while let Some(&(deadline, id)) = self.deadlines.front() {
+            if deadline > now {
+                return Some(deadline - now);
+            }
+            self.deadlines.pop_front();
+            if let Some(pending) = self.pending.remove(&id) {
+                if let Some(owner) = self.conns.get_mut(&pending.owner) {
+                    owner.owner_inflight.remove(&id);
+                }
+                self.forget_caller(&pending.reply, &id);
+                let timeout = self.config.invocation_timeout_ms.unwrap_or_default();
+                self.complete(
+                    pending.reply,
+                    Err(ErrorBody::new("invocation_timeout", format!("no result within {timeout} ms (invocation_timeout_ms)"))),
+                    None,
+                    None,
+                );
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rewrite_baggage;
+
+    #[test]
+    fn baggage_function_id_is_rewritten_to_the_target() {
+        assert_eq!(
+            rewrite_baggage(Some("a=1,iii.function.id=caller::fn"), "math::add").as_deref(),
+            Some("a=1,iii.function.id=math::add")
+        );
+        assert_eq!(rewrite_baggage(Some("a=1"), "x").as_deref(), Some("a=1"));
+        assert_eq!(rewrite_baggage(None, "x"), None);
+    }
+}

@@ -1,0 +1,68 @@
+//! The control core: serves the iii worker protocol on its own executor and owns the function,
+//! worker and trigger registries.
+
+mod builtins;
+mod connection;
+pub mod engine;
+mod invocation;
+mod registry;
+mod triggers;
+pub mod wire;
+
+use engine::Engine;
+use glommio::net::TcpListener;
+use std::os::fd::{FromRawFd, OwnedFd, IntoRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::WorkerManagerConfig;
+
+/// How often the control core looks at the shutdown flag set by the signal handler.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(25);
+/// Time given to writers to flush close frames and error answers before the executor stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
+
+/// Runs the control core until `shutdown` is set: accepts workers on `listener` (bound by the
+/// boot code so bind errors are reported before any executor starts).
+pub async fn run(listener: OwnedFd, config: WorkerManagerConfig, shutdown: Arc<AtomicBool>) {
+    // SAFETY: the fd is a bound, listening TCP socket whose ownership we take here.
+    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    let timeout = config.invocation_timeout_ms;
+    let engine = Engine::new(config);
+
+    let acceptor = engine.clone();
+    glommio::spawn_local(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    glommio::spawn_local(connection::serve(acceptor.clone(), stream)).detach();
+                }
+                Err(e) => {
+                    tracing::warn!("worker port accept failed: {e}");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    })
+    .detach();
+
+    if let Some(timeout_ms) = timeout {
+        let sweeper = engine.clone();
+        let period = Duration::from_millis(timeout_ms.clamp(1, 1000));
+        glommio::spawn_local(async move {
+            loop {
+                let wait = sweeper.borrow_mut().expire_invocations(Instant::now());
+                glommio::timer::sleep(wait.unwrap_or(period).min(period)).await;
+            }
+        })
+        .detach();
+    }
+
+    while !shutdown.load(Ordering::Relaxed) {
+        glommio::timer::sleep(SHUTDOWN_POLL).await;
+    }
+    tracing::info!("shutting down: answering waiting callers and closing worker sockets");
+    engine.borrow_mut().shutdown();
+    glommio::timer::sleep(SHUTDOWN_GRACE).await;
+}

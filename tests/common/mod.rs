@@ -1,0 +1,243 @@
+//! Test harness: starts the built `ringcast` binary on free loopback ports and speaks the
+//! worker protocol to it with a plain WebSocket client.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::io::ErrorKind;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+/// How long a test waits for an expected frame before failing.
+pub const FRAME_WAIT: Duration = Duration::from_secs(5);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh scratch directory for one test.
+pub fn scratch_dir() -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ringcast-test-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_ringcast")
+}
+
+/// A running engine; killed when dropped.
+pub struct Engine {
+    pub child: Child,
+    pub worker_port: u16,
+    pub stream_port: u16,
+    pub dir: PathBuf,
+}
+
+impl Engine {
+    /// Starts an engine with default settings.
+    pub fn start() -> Engine {
+        Engine::start_with("", "", &[])
+    }
+
+    /// Starts an engine; `worker_extra` and `stream_extra` are YAML lines added to the
+    /// `iii-worker-manager` and `iii-stream` config blocks (indented by the caller with 6 spaces).
+    pub fn start_with(worker_extra: &str, stream_extra: &str, args: &[&str]) -> Engine {
+        let (worker_port, stream_port) = (free_port(), free_port());
+        let dir = scratch_dir();
+        let config = format!(
+            "workers:\n  - name: iii-worker-manager\n    config:\n      host: 127.0.0.1\n      port: {worker_port}\n{worker_extra}  - name: iii-stream\n    config:\n      host: 127.0.0.1\n      port: {stream_port}\n{stream_extra}"
+        );
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(binary())
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .env("RUST_LOG", std::env::var("RINGCAST_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ringcast");
+        let engine = Engine { child, worker_port, stream_port, dir };
+        engine.wait_listening(worker_port);
+        engine
+    }
+
+    fn wait_listening(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "engine did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/", self.worker_port)
+    }
+
+    /// Sends a signal and waits for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: i32) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        wait_exit(&mut self.child, Duration::from_secs(10))
+    }
+}
+
+pub use libc::{SIGINT, SIGTERM};
+
+pub fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "process did not exit in {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One raw worker connection.
+pub struct Worker {
+    pub ws: WebSocket<MaybeTlsStream<TcpStream>>,
+    pub worker_id: String,
+    pub reattach_token: String,
+}
+
+impl Worker {
+    /// Connects and reads the `workerregistered` frame.
+    pub fn connect(engine: &Engine) -> Worker {
+        Worker::connect_url(&engine.url())
+    }
+
+    pub fn connect_url(url: &str) -> Worker {
+        let (ws, _) = tungstenite::connect(url).expect("connect to worker port");
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(FRAME_WAIT)).unwrap();
+            s.set_nodelay(true).unwrap();
+        }
+        let mut worker = Worker { ws, worker_id: String::new(), reattach_token: String::new() };
+        let first = worker.recv();
+        assert_eq!(first["type"], "workerregistered", "first frame: {first}");
+        worker.worker_id = first["worker_id"].as_str().unwrap().to_string();
+        worker.reattach_token = first["reattach_token"].as_str().unwrap().to_string();
+        worker
+    }
+
+    pub fn send(&mut self, message: Value) {
+        self.ws.send(Message::text(message.to_string())).unwrap();
+    }
+
+    pub fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).unwrap();
+    }
+
+    /// The next protocol frame (text JSON); fails after `FRAME_WAIT`.
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => return serde_json::from_str(&text).expect("engine sent JSON"),
+                Ok(Message::Binary(_)) => panic!("engine sent a binary protocol frame"),
+                Ok(Message::Close(frame)) => panic!("socket closed: {frame:?}"),
+                Ok(_) => continue,
+                Err(e) => panic!("no frame within {FRAME_WAIT:?}: {e}"),
+            }
+        }
+    }
+
+    /// Reads frames until one of type `kind` arrives (others are returned in order skipped).
+    pub fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.recv();
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    /// Waits for the close frame and returns its code.
+    pub fn recv_close(&mut self) -> Option<u16> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(frame)) => return frame.map(|f| f.code.into()),
+                Ok(_) => continue,
+                Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => return None,
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                    panic!("no close within {FRAME_WAIT:?}")
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Round-trips a JSON ping: every frame the engine queued for this socket before it read
+    /// the ping arrives first. Returns those frames.
+    pub fn sync(&mut self) -> Vec<Value> {
+        self.send(json!({"type": "ping"}));
+        let mut before = Vec::new();
+        loop {
+            let frame = self.recv();
+            if frame["type"] == "pong" {
+                return before;
+            }
+            before.push(frame);
+        }
+    }
+
+    /// Asserts the engine answered nothing but the pong of a sync.
+    pub fn assert_quiet(&mut self) {
+        let frames = self.sync();
+        assert!(frames.is_empty(), "unexpected frames: {frames:?}");
+    }
+
+    /// `engine::workers::register`, as SDKs send it (void).
+    pub fn register_worker(&mut self, name: &str) {
+        self.send(json!({
+            "type": "invokefunction", "function_id": "engine::workers::register",
+            "action": {"type": "void"},
+            "data": {"runtime": "node", "name": name, "pid": 4242, "version": "test"}
+        }));
+    }
+
+    pub fn register_function(&mut self, id: &str) {
+        self.send(json!({"type": "registerfunction", "id": id, "description": format!("{id} for tests")}));
+        self.sync();
+    }
+
+    /// Sync call; returns the `invocationresult` frame.
+    pub fn call(&mut self, function_id: &str, data: Value) -> Value {
+        let id = uuid();
+        self.send(json!({"type": "invokefunction", "invocation_id": id, "function_id": function_id, "data": data}));
+        let result = self.recv_type("invocationresult");
+        assert_eq!(result["invocation_id"], id);
+        result
+    }
+
+    /// Answers an `invokefunction` frame with `result`.
+    pub fn answer(&mut self, call: &Value, result: Value) {
+        self.send(json!({
+            "type": "invocationresult", "invocation_id": call["invocation_id"],
+            "function_id": call["function_id"], "result": result
+        }));
+    }
+}
+
+pub fn uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
