@@ -3,7 +3,9 @@
 
 use crate::cli::Cli;
 use crate::config::{self, ConfigError, EngineConfig};
-use crate::{control, EXIT_START_FAILED};
+use crate::stream::shard::ShardContext;
+use crate::stream::StreamService;
+use crate::{control, stream, EXIT_START_FAILED};
 use ringcast_shards::runtime::{self, CorePlan};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::OwnedFd;
@@ -60,6 +62,9 @@ fn load_config(cli: &Cli) -> Result<EngineConfig, StartError> {
     Ok(config::parse(config::EMBEDDED_DEFAULT, "embedded default config")?)
 }
 
+const BIND_RETRIES: u32 = 25;
+const BIND_RETRY_PAUSE: Duration = Duration::from_millis(40);
+
 /// Binds a listening TCP socket now, so a port in use is reported before anything starts.
 fn bind(host: &str, port: u16, what: &str, reuse_port: bool) -> Result<(OwnedFd, SocketAddr), StartError> {
     let addr = (host, port)
@@ -73,7 +78,19 @@ fn bind(host: &str, port: u16, what: &str, reuse_port: bool) -> Result<(OwnedFd,
     if reuse_port {
         let _ = socket.set_reuse_port(true);
     }
-    socket.bind(&addr.into()).map_err(|e| {
+    // A listener of a process that just exited can linger for some milliseconds while the kernel
+    // tears down its io_uring; give a restart on the same port a moment before giving up.
+    let mut attempts = 0;
+    let bound = loop {
+        match socket.bind(&addr.into()) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < BIND_RETRIES => {
+                attempts += 1;
+                std::thread::sleep(BIND_RETRY_PAUSE);
+            }
+            other => break other,
+        }
+    };
+    bound.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             StartError(format!(
                 "{what}: port {port} on {host} is already in use; stop the other process or choose another port in the config"
@@ -87,6 +104,29 @@ fn bind(host: &str, port: u16, what: &str, reuse_port: bool) -> Result<(OwnedFd,
         .map_err(|e| StartError(format!("{what}: cannot listen on {addr}: {e}")))?;
     let local = socket.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(addr);
     Ok((socket.into(), local))
+}
+
+/// Only the `kv` adapter with `store_method: in_memory` exists in this build.
+fn check_adapter(stream: &config::StreamConfig) -> Result<(), StartError> {
+    let Some(adapter) = &stream.adapter else { return Ok(()) };
+    if adapter.name != "kv" {
+        return Err(StartError(format!(
+            "iii-stream: adapter {:?} is not available in this build of ringcast (available: kv)",
+            adapter.name
+        )));
+    }
+    let method = adapter
+        .config
+        .as_ref()
+        .and_then(|c| c.get("store_method"))
+        .and_then(|m| m.as_str())
+        .unwrap_or("in_memory");
+    if method != "in_memory" {
+        return Err(StartError(format!(
+            "iii-stream: store_method {method:?} is not available in this build of ringcast (available: in_memory)"
+        )));
+    }
+    Ok(())
 }
 
 /// `ringcast [--config PATH]`: runs the engine until SIGINT/SIGTERM.
@@ -111,8 +151,16 @@ fn start(cli: &Cli) -> Result<(), StartError> {
 
     let wm = &config.worker_manager;
     let (worker_fd, worker_addr) = bind(&wm.host, wm.port, "iii-worker-manager", false)?;
-    if config.stream.is_some() {
-        tracing::warn!("iii-stream is configured but the stream module is not part of this build yet");
+    // One SO_REUSEPORT listener per shard on the stream port: the kernel spreads subscribers.
+    let mut stream_fds = Vec::new();
+    let mut stream_addr = None;
+    if let Some(stream) = &config.stream {
+        check_adapter(stream)?;
+        for _ in &plan.shard_cpus {
+            let (fd, addr) = bind(&stream.host, stream.port, "iii-stream", true)?;
+            stream_fds.push(fd);
+            stream_addr = Some(addr);
+        }
     }
 
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -121,19 +169,40 @@ fn start(cli: &Cli) -> Result<(), StartError> {
             .map_err(|e| StartError(format!("cannot install signal handler: {e}")))?;
     }
 
+    let shard_count = plan.shard_cpus.len();
+    let (shard_senders, shard_inboxes): (Vec<_>, Vec<_>) =
+        (0..shard_count).map(|_| futures_channel::mpsc::unbounded()).unzip();
+    let (control_requests_tx, control_requests_rx) = futures_channel::mpsc::unbounded();
+
     let control_config = wm.clone();
     let control_flag = shutdown.clone();
+    let streams = config.stream.clone().map(|stream_config| {
+        (StreamService { shards: shard_senders.clone(), config: stream_config }, control_requests_rx)
+    });
     let control = runtime::spawn_pinned("ringcast-control", plan.control_cpu, io_memory, move || {
-        control::run(worker_fd, control_config, control_flag)
+        control::run(worker_fd, control_config, streams, control_flag)
     })
     .map_err(StartError)?;
 
     let mut shards = Vec::new();
-    for (index, cpu) in plan.shard_cpus.iter().enumerate() {
+    let mut stream_fds = stream_fds.into_iter();
+    for ((index, cpu), inbox) in plan.shard_cpus.iter().enumerate().zip(shard_inboxes) {
         let flag = shutdown.clone();
+        let stream_config = config.stream.clone();
+        let listener = stream_fds.next();
+        let ctx_peers = shard_senders.clone();
+        let control_tx = control_requests_tx.clone();
         let handle = runtime::spawn_pinned(&format!("ringcast-shard-{index}"), *cpu, io_memory, move || async move {
-            while !flag.load(Ordering::Relaxed) {
-                glommio::timer::sleep(Duration::from_millis(25)).await;
+            match (stream_config, listener) {
+                (Some(config), Some(listener)) => {
+                    let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config };
+                    stream::shard::run(ctx, inbox, listener, flag).await;
+                }
+                _ => {
+                    while !flag.load(Ordering::Relaxed) {
+                        glommio::timer::sleep(Duration::from_millis(25)).await;
+                    }
+                }
             }
         });
         match handle {
@@ -143,6 +212,9 @@ fn start(cli: &Cli) -> Result<(), StartError> {
                 return Err(StartError(e));
             }
         }
+    }
+    if let Some(addr) = stream_addr {
+        tracing::info!("streams: subscribers on ws://{addr}/ served by {shard_count} shard(s), in-memory store");
     }
     tracing::info!(
         control_cpu = plan.control_cpu,

@@ -92,6 +92,44 @@ pub struct StreamConfig {
     pub auth_function: Option<String>,
     #[serde(default)]
     pub adapter: Option<AdapterConfig>,
+    /// Reject the upgrade with 401 when the auth function fails or returns no context
+    /// (default: fail-open, as the reference).
+    #[serde(default)]
+    pub auth_required: bool,
+    /// Limit on one auth function call.
+    #[serde(default = "default_auth_timeout_ms")]
+    pub auth_timeout_ms: u64,
+    /// Largest frame a subscriber may send.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    #[serde(default = "default_max_subscriptions")]
+    pub max_subscriptions_per_connection: usize,
+    #[serde(default = "default_max_connections")]
+    pub max_connections_per_shard: usize,
+    /// Bytes that may wait in one subscriber's outbound queue.
+    #[serde(default = "default_max_queue_bytes")]
+    pub max_queue_bytes: usize,
+    /// What happens to a subscriber whose queue passes `max_queue_bytes`.
+    #[serde(default)]
+    pub slow_subscriber: SlowSubscriberPolicy,
+    /// Largest item value `stream::set`/`update` store.
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: usize,
+}
+
+/// Policy for a subscriber that cannot keep up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowSubscriberPolicy {
+    /// Close it with code 4008 `slow subscriber` (counted in the log); others are unaffected.
+    #[default]
+    Close,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("all stream settings have defaults")
+    }
 }
 
 /// `adapter: {name, config}` of the stream module.
@@ -114,6 +152,24 @@ fn default_stream_host() -> String {
 }
 fn default_stream_port() -> u16 {
     3112
+}
+fn default_auth_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_frame_bytes() -> usize {
+    1 << 20
+}
+fn default_max_subscriptions() -> usize {
+    1_024
+}
+fn default_max_connections() -> usize {
+    100_000
+}
+fn default_max_queue_bytes() -> usize {
+    4 << 20
+}
+fn default_max_value_bytes() -> usize {
+    16 << 20
 }
 fn default_max_message_bytes() -> usize {
     64 << 20

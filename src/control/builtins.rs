@@ -60,7 +60,13 @@ const BUILTINS: &[(&str, &str, BuiltinFn)] = &[
 
 /// Registers the builtins and the engine's trigger types.
 pub fn install(engine: &mut Engine) {
-    for (id, description, run) in BUILTINS {
+    install_functions(engine, BUILTINS);
+    engine.install_engine_trigger_types(ENGINE_TRIGGER_TYPES);
+}
+
+/// Registers in-process functions in the default namespace.
+pub fn install_functions(engine: &mut Engine, functions: &[(&str, &str, BuiltinFn)]) {
+    for (id, description, run) in functions {
         engine.functions.insert(
             DEFAULT_NS,
             id,
@@ -73,15 +79,14 @@ pub fn install(engine: &mut Engine) {
             },
         );
     }
-    engine.install_engine_trigger_types();
 }
 
-fn now(outcome: Result<Value, ErrorBody>) -> BuiltinReply {
+pub fn now(outcome: Result<Value, ErrorBody>) -> BuiltinReply {
     BuiltinReply::Now(outcome.map(Some))
 }
 
 /// Decodes a builtin's input; unknown keys (such as `_caller_worker_id`) are ignored.
-fn input<T: for<'de> Deserialize<'de>>(id: &str, data: Value) -> Result<T, ErrorBody> {
+pub fn input<T: for<'de> Deserialize<'de>>(id: &str, data: Value) -> Result<T, ErrorBody> {
     let data = if data.is_null() { json!({}) } else { data };
     serde_json::from_value(data).map_err(|e| {
         ErrorBody::new("deserialization_error", format!("Failed to deserialize input for {id}: {e}"))

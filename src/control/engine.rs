@@ -114,6 +114,9 @@ pub struct Engine {
     /// Set when the function set changed and `engine::functions-available` is due.
     pub functions_changed_scheduled: bool,
     pub shutting_down: bool,
+    pub next_binding_seq: u64,
+    /// The stream module, when `iii-stream` is configured.
+    pub streams: Option<Rc<crate::stream::StreamService>>,
     /// Lets handlers spawn tasks that come back to the engine.
     pub self_ref: Weak<RefCell<Engine>>,
 }
@@ -123,7 +126,7 @@ pub fn now_ms() -> u64 {
 }
 
 impl Engine {
-    pub fn new(config: WorkerManagerConfig) -> Rc<RefCell<Engine>> {
+    pub fn new(config: WorkerManagerConfig, streams: Option<crate::stream::StreamService>) -> Rc<RefCell<Engine>> {
         let engine = Rc::new(RefCell::new(Engine {
             config,
             conns: HashMap::new(),
@@ -137,12 +140,17 @@ impl Engine {
             trigger_waiters: HashMap::new(),
             functions_changed_scheduled: false,
             shutting_down: false,
+            next_binding_seq: 0,
+            streams: streams.map(Rc::new),
             self_ref: Weak::new(),
         }));
         {
             let mut e = engine.borrow_mut();
             e.self_ref = Rc::downgrade(&engine);
             builtins::install(&mut e);
+            if e.streams.is_some() {
+                crate::stream::functions::install(&mut e);
+            }
         }
         engine
     }

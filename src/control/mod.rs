@@ -1,12 +1,12 @@
 //! The control core: serves the iii worker protocol on its own executor and owns the function,
 //! worker and trigger registries.
 
-mod builtins;
+pub(crate) mod builtins;
 mod connection;
 pub mod engine;
-mod invocation;
-mod registry;
-mod triggers;
+pub(crate) mod invocation;
+pub(crate) mod registry;
+pub(crate) mod triggers;
 pub mod wire;
 
 use engine::Engine;
@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::WorkerManagerConfig;
 
+/// Requests from the shards (auth, join/leave triggers).
+pub type ShardRequests = futures_channel::mpsc::UnboundedReceiver<crate::stream::messages::ControlRequest>;
+
 /// How often the control core looks at the shutdown flag set by the signal handler.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(25);
 /// Time given to writers to flush close frames and error answers before the executor stops.
@@ -25,11 +28,23 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
 
 /// Runs the control core until `shutdown` is set: accepts workers on `listener` (bound by the
 /// boot code so bind errors are reported before any executor starts).
-pub async fn run(listener: OwnedFd, config: WorkerManagerConfig, shutdown: Arc<AtomicBool>) {
+pub async fn run(
+    listener: OwnedFd,
+    config: WorkerManagerConfig,
+    streams: Option<(crate::stream::StreamService, ShardRequests)>,
+    shutdown: Arc<AtomicBool>,
+) {
     // SAFETY: the fd is a bound, listening TCP socket whose ownership we take here.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
     let timeout = config.invocation_timeout_ms;
-    let engine = Engine::new(config);
+    let (service, requests) = match streams {
+        Some((service, requests)) => (Some(service), Some(requests)),
+        None => (None, None),
+    };
+    let engine = Engine::new(config, service);
+    if let Some(requests) = requests {
+        glommio::spawn_local(crate::stream::functions::serve_shard_requests(engine.clone(), requests)).detach();
+    }
 
     let acceptor = engine.clone();
     glommio::spawn_local(async move {

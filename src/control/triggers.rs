@@ -42,6 +42,16 @@ pub struct Binding {
     pub routed_ns: Option<String>,
     /// Namespace of the registering connection at registration time.
     pub home_ns: String,
+    /// Registration order; bindings of one event fire in this order.
+    pub seq: u64,
+}
+
+/// Checks the config of a binding served by the engine itself.
+fn validate_engine_binding(binding: &Binding) -> Result<(), String> {
+    if binding.trigger_type == "stream" && !binding.config.get("stream_name").is_some_and(Value::is_string) {
+        return Err("a stream trigger needs config.stream_name (a string)".into());
+    }
+    Ok(())
 }
 
 /// Trigger types implemented by the engine itself.
@@ -52,8 +62,8 @@ pub const ENGINE_TRIGGER_TYPES: &[(&str, &str)] = &[
 
 impl Engine {
     /// Installs the engine's own trigger types.
-    pub fn install_engine_trigger_types(&mut self) {
-        for (id, description) in ENGINE_TRIGGER_TYPES {
+    pub fn install_engine_trigger_types(&mut self, types: &[(&str, &str)]) {
+        for (id, description) in types {
             self.trigger_types.insert(
                 DEFAULT_NS,
                 id,
@@ -136,12 +146,24 @@ impl Engine {
             owner,
             routed_ns: None,
             home_ns,
+            seq: self.next_binding_seq,
         };
+        self.next_binding_seq += 1;
         for (field, value) in [("namespace", &m.namespace), ("trigger_namespace", &m.trigger_namespace)] {
             if is_blank(value) {
                 let error = ErrorBody::new("INVALID_NAMESPACE", format!("{field} is present but empty"));
                 self.report_binding_error(owner, &binding, &error);
                 return None;
+            }
+        }
+        binding.routed_ns = self.resolve_provider(&binding);
+        if let Some(ns) = &binding.routed_ns {
+            if self.provider_of(ns, &binding.trigger_type) == Some(Provider::Engine) {
+                if let Err(message) = validate_engine_binding(&binding) {
+                    let error = ErrorBody::new("trigger_registration_failed", message);
+                    self.report_binding_error(owner, &binding, &error);
+                    return None;
+                }
             }
         }
         let previous = self.bindings.remove(&binding.id);
@@ -150,7 +172,6 @@ impl Engine {
                 old_owner.triggers.remove(&previous.id);
             }
         }
-        binding.routed_ns = self.resolve_provider(&binding);
         let mut routed_to = None;
         match &binding.routed_ns {
             None => tracing::warn!(

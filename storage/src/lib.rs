@@ -1,1 +1,43 @@
-pub fn placeholder() {}
+//! Storage for ringcast streams: the `KvStore` trait that each shard's store implements, the
+//! in-memory adapter, and the `stream::update` operations.
+//!
+//! Items are kept as their JSON text (`Json`), so snapshots, `list` results and subscriber
+//! frames splice stored values in verbatim instead of re-serialising them.
+
+pub mod memory;
+pub mod update_ops;
+
+use std::fmt;
+use std::sync::Arc;
+
+/// A stored item: the JSON text of its value (object keys sorted, as serde_json writes them).
+pub type Json = Arc<str>;
+
+/// A storage failure, phrased for the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreError(pub String);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// The store of one shard: `stream -> group -> item -> value`, groups keeping the insertion order
+/// of their items (an overwrite keeps the position, a delete closes the gap). A group whose last
+/// item is deleted disappears.
+pub trait KvStore {
+    fn get(&self, stream: &str, group: &str, item: &str) -> Option<Json>;
+    /// Stores `value`; returns the previous value.
+    fn set(&mut self, stream: &str, group: &str, item: &str, value: Json) -> Result<Option<Json>, StoreError>;
+    /// Removes the item; returns the removed value.
+    fn delete(&mut self, stream: &str, group: &str, item: &str) -> Result<Option<Json>, StoreError>;
+    /// Values of a group in order; empty for a missing group.
+    fn list(&self, stream: &str, group: &str) -> Vec<Json>;
+    /// Groups of a stream that hold at least one item, sorted.
+    fn list_groups(&self, stream: &str) -> Vec<String>;
+    /// Every stream with its non-empty groups, both sorted.
+    fn list_streams(&self) -> Vec<(String, Vec<String>)>;
+}

@@ -1,0 +1,396 @@
+//! The `stream::*` functions on the control core (spec/stream.md §2): decode the input, honour
+//! a custom `stream::<op>(<name>)` function, route the operation to the group's owner shard, and
+//! fire `stream` triggers with the event it produced. Also serves the shards' requests: the auth
+//! function and the `stream:join`/`stream:leave` triggers.
+
+use super::messages::{ControlRequest, EventKind, GroupKey, ShardMsg, StoreOp, StoreReply};
+use super::StreamService;
+use crate::control::builtins::{input, now, BuiltinFn, BuiltinReply, CallCtx};
+use crate::control::engine::Engine;
+use crate::control::invocation::{Call, Outcome, Reply};
+use crate::control::registry::DEFAULT_NS;
+use crate::control::wire::ErrorBody;
+use bytes::Bytes;
+use futures_channel::oneshot;
+use ringcast_shards::wsframe::payload_of;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::{Rc, Weak};
+
+const FUNCTIONS: &[(&str, &str, BuiltinFn)] = &[
+    ("stream::set", "Stores an item and notifies the group's subscribers", stream_set),
+    ("stream::get", "Reads an item", stream_get),
+    ("stream::delete", "Removes an item and notifies the group's subscribers", stream_delete),
+    ("stream::list", "Lists the item values of a group", stream_list),
+    ("stream::list_groups", "Lists the groups of a stream", stream_list_groups),
+    ("stream::list_all", "Lists every stream and its groups", stream_list_all),
+    ("stream::send", "Sends an ephemeral event to a group's subscribers", stream_send),
+    ("stream::update", "Applies update operations to an item atomically", stream_update),
+];
+
+const TRIGGER_TYPES: &[(&str, &str)] = &[
+    ("stream", "Fires on every change of a stream's items and on stream::send"),
+    ("stream:join", "Fires when a subscriber joins a group; may refuse it"),
+    ("stream:leave", "Fires when a subscription ends"),
+];
+
+/// Registers the stream functions and trigger types.
+pub fn install(engine: &mut Engine) {
+    crate::control::builtins::install_functions(engine, FUNCTIONS);
+    engine.install_engine_trigger_types(TRIGGER_TYPES);
+}
+
+#[derive(Deserialize)]
+struct ItemInput {
+    stream_name: String,
+    group_id: String,
+    item_id: String,
+}
+
+#[derive(Deserialize)]
+struct SetInput {
+    stream_name: String,
+    group_id: String,
+    item_id: String,
+    data: Value,
+}
+
+#[derive(Deserialize)]
+struct GroupInput {
+    stream_name: String,
+    group_id: String,
+}
+
+#[derive(Deserialize)]
+struct StreamInput {
+    stream_name: String,
+}
+
+#[derive(Deserialize)]
+struct SendInput {
+    stream_name: String,
+    group_id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    data: Value,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UpdateInput {
+    stream_name: String,
+    group_id: String,
+    item_id: String,
+    ops: Value,
+}
+
+macro_rules! decode {
+    ($id:expr, $data:expr) => {
+        match input($id, $data.clone()) {
+            Ok(v) => v,
+            Err(e) => return BuiltinReply::Now(Err(e)),
+        }
+    };
+}
+
+fn service(engine: &Engine) -> Rc<StreamService> {
+    engine.streams.clone().expect("stream functions are installed only with the stream module")
+}
+
+/// The custom function that replaces the built-in storage of `op` for `stream`, if registered.
+fn override_of(engine: &Engine, op: &str, stream: &str) -> Option<String> {
+    let id = format!("stream::{op}({stream})");
+    engine.functions.get(DEFAULT_NS, &id).map(|_| id)
+}
+
+/// Calls a worker function from a builtin; the outcome arrives on the receiver.
+fn call_function(engine: &mut Engine, function_id: &str, data: Value) -> oneshot::Receiver<Outcome> {
+    let (tx, rx) = oneshot::channel();
+    engine.invoke(Call::internal(DEFAULT_NS, function_id, data, None), Reply::Internal(tx));
+    rx
+}
+
+/// Sends `op` to the owner of `key` and answers with its result, firing `stream` triggers for
+/// the event it produced.
+fn route(engine: &Engine, key: GroupKey, op: StoreOp, error_code: &'static str) -> BuiltinReply {
+    let rx = send_to_owner(&service(engine), key.clone(), op);
+    let weak = engine.self_ref.clone();
+    BuiltinReply::Later(Box::pin(async move {
+        let reply = rx.await.map_err(|_| ErrorBody::new(error_code, "the shard owning this group is not running"))?;
+        finish(&weak, key, reply)
+    }))
+}
+
+fn send_to_owner(service: &StreamService, key: GroupKey, op: StoreOp) -> oneshot::Receiver<StoreReply> {
+    let (tx, rx) = oneshot::channel();
+    let owner = ringcast_shards::routing::owner_shard(&key.0, &key.1, service.shards.len());
+    let _ = service.shards[owner].unbounded_send(ShardMsg::Store { key, op, reply: tx });
+    rx
+}
+
+/// Fires triggers for the reply's event and turns the reply into the function's outcome.
+fn finish(weak: &Weak<RefCell<Engine>>, key: GroupKey, reply: StoreReply) -> Outcome {
+    if let (Some(frame), Some(engine)) = (reply.event, weak.upgrade()) {
+        fire_stream_triggers(&engine, &key, frame);
+    }
+    reply.result.map_err(|(code, message)| ErrorBody::new(&code, message))
+}
+
+fn stream_set(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+    let i: SetInput = decode!("stream::set", data);
+    if let Some(custom) = override_of(engine, "set", &i.stream_name) {
+        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, "STREAM_SET_ERROR");
+    }
+    route(engine, (i.stream_name, i.group_id), StoreOp::Set { item: i.item_id, data: i.data }, "STREAM_SET_ERROR")
+}
+
+fn stream_get(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+    let i: ItemInput = decode!("stream::get", data);
+    if let Some(custom) = override_of(engine, "get", &i.stream_name) {
+        return passthrough(engine, &custom, data);
+    }
+    route(engine, (i.stream_name, i.group_id), StoreOp::Get { item: i.item_id }, "STREAM_GET_ERROR")
+}
+
+fn stream_delete(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+    let i: ItemInput = decode!("stream::delete", data);
+    if let Some(custom) = override_of(engine, "delete", &i.stream_name) {
+        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, "STREAM_DELETE_ERROR");
+    }
+    route(engine, (i.stream_name, i.group_id), StoreOp::Delete { item: i.item_id }, "STREAM_DELETE_ERROR")
+}
+
+fn stream_list(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+    let i: GroupInput = decode!("stream::list", data);
+    if let Some(custom) = override_of(engine, "list", &i.stream_name) {
+        return passthrough(engine, &custom, data);
+    }
+    route(engine, (i.stream_name, i.group_id), StoreOp::List, "STREAM_GET_GROUP_ERROR")
+}
+
+fn stream_update(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+    let i: UpdateInput = decode!("stream::update", data);
+    let ops = match ringcast_storage::update_ops::parse_ops(&i.ops) {
+        Ok(ops) => ops,
+        Err(e) => {
+            return now(Err(ErrorBody::new("deserialization_error", format!("Failed to deserialize input for stream::update: {e}"))))
+        }
+    };
+    if let Some(custom) = override_of(engine, "update", &i.stream_name) {
+        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, "STREAM_UPDATE_ERROR");
+    }
+    route(engine, (i.stream_name, i.group_id), StoreOp::Update { item: i.item_id, ops }, "STREAM_UPDATE_ERROR")
+}
+
+fn stream_send(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+    let i: SendInput = decode!("stream::send", data);
+    let op = StoreOp::Send { item: i.id, event_type: i.event_type, data: i.data };
+    route(engine, (i.stream_name, i.group_id), op, "STREAM_SEND_ERROR")
+}
+
+fn stream_list_groups(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+    let i: StreamInput = decode!("stream::list_groups", data);
+    if let Some(custom) = override_of(engine, "list_groups", &i.stream_name) {
+        return passthrough(engine, &custom, data);
+    }
+    let receivers: Vec<_> = service(engine)
+        .shards
+        .iter()
+        .map(|shard| {
+            let (tx, rx) = oneshot::channel();
+            let _ = shard.unbounded_send(ShardMsg::ListGroups { stream: i.stream_name.clone(), reply: tx });
+            rx
+        })
+        .collect();
+    BuiltinReply::Later(Box::pin(async move {
+        let mut groups = BTreeSet::new();
+        for rx in receivers {
+            groups.extend(rx.await.map_err(|_| ErrorBody::new("STREAM_LIST_GROUPS_ERROR", "a shard is not running"))?);
+        }
+        Ok(Some(json!(groups)))
+    }))
+}
+
+fn stream_list_all(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+    if data.is_null() {
+        return now(Err(ErrorBody::new("deserialization_error", "Failed to deserialize input for stream::list_all: expected an object")));
+    }
+    let receivers: Vec<_> = service(engine)
+        .shards
+        .iter()
+        .map(|shard| {
+            let (tx, rx) = oneshot::channel();
+            let _ = shard.unbounded_send(ShardMsg::ListStreams { reply: tx });
+            rx
+        })
+        .collect();
+    BuiltinReply::Later(Box::pin(async move {
+        let mut streams: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for rx in receivers {
+            let held = rx.await.map_err(|_| ErrorBody::new("STREAM_LIST_ALL_ERROR", "a shard is not running"))?;
+            for (stream, groups) in held {
+                streams.entry(stream).or_default().extend(groups);
+            }
+        }
+        let rows: Vec<Value> = streams.into_iter().map(|(id, groups)| json!({ "id": id, "groups": groups })).collect();
+        let count = rows.len();
+        Ok(Some(json!({ "stream": rows, "count": count })))
+    }))
+}
+
+/// A read served by a custom function: its result is returned as it is.
+fn passthrough(engine: &mut Engine, function_id: &str, data: Value) -> BuiltinReply {
+    let rx = call_function(engine, function_id, data);
+    BuiltinReply::Later(Box::pin(async move {
+        rx.await.unwrap_or_else(|_| Err(ErrorBody::new("invocation_error", "the custom stream function went away")))
+    }))
+}
+
+/// A mutation served by a custom function: the engine still publishes the event and fires the
+/// triggers, from the `{old_value, new_value}` the function returns.
+fn custom_mutation(
+    engine: &mut Engine,
+    function_id: &str,
+    data: Value,
+    key: GroupKey,
+    item: String,
+    error_code: &'static str,
+) -> BuiltinReply {
+    let rx = call_function(engine, function_id, data);
+    let service = service(engine);
+    let weak = engine.self_ref.clone();
+    let is_delete = error_code == "STREAM_DELETE_ERROR";
+    BuiltinReply::Later(Box::pin(async move {
+        let result = match rx.await {
+            Ok(Ok(Some(result))) if result.is_object() => result,
+            Ok(Err(e)) => return Err(e),
+            _ => return Err(ErrorBody::new(error_code, "the custom stream function returned no result")),
+        };
+        let old = result.get("old_value").filter(|v| !v.is_null()).cloned();
+        let (kind, event_data) = if is_delete {
+            match old {
+                Some(old) => (EventKind::Delete, old),
+                None => return Ok(Some(result)),
+            }
+        } else {
+            let Some(new) = result.get("new_value").cloned() else {
+                return Err(ErrorBody::new("JSON_ERROR", "the custom stream function's result has no new_value"));
+            };
+            (if old.is_some() { EventKind::Update } else { EventKind::Create }, new)
+        };
+        let emitted = send_to_owner(&service, key.clone(), StoreOp::Emit { item: Some(item), kind, data: event_data });
+        if let Ok(reply) = emitted.await {
+            let _ = finish(&weak, key, reply);
+        }
+        Ok(Some(result))
+    }))
+}
+
+/// Bindings of `trigger_type`, in registration order, as `(namespace, function_id, metadata, config)`.
+fn bindings_of(engine: &Engine, trigger_type: &str) -> Vec<(String, String, Option<Value>, Value)> {
+    let mut found: Vec<_> = engine
+        .bindings
+        .values()
+        .filter(|b| b.trigger_type == trigger_type && b.routed_ns.is_some())
+        .collect();
+    found.sort_by_key(|b| b.seq);
+    found.into_iter().map(|b| (b.namespace.clone(), b.function_id.clone(), b.metadata.clone(), b.config.clone())).collect()
+}
+
+/// Calls a function from a task and waits for its outcome.
+async fn call_and_wait(engine: &Rc<RefCell<Engine>>, ns: &str, function_id: &str, data: Value, metadata: Option<Value>) -> Outcome {
+    let (tx, rx) = oneshot::channel();
+    engine.borrow_mut().invoke(Call::internal(ns, function_id, data, metadata), Reply::Internal(tx));
+    rx.await.unwrap_or_else(|_| Err(ErrorBody::new("invocation_error", "the call was dropped")))
+}
+
+fn config_matches(config: &Value, field: &str, actual: &str) -> bool {
+    match config.get(field).and_then(Value::as_str) {
+        None | Some("") => true,
+        Some(wanted) => wanted == actual,
+    }
+}
+
+/// Fires the `stream` triggers matching an event: one task per event calls the handlers in
+/// registration order, each after its condition function (skipped only on exactly `false`).
+fn fire_stream_triggers(engine: &Rc<RefCell<Engine>>, key: &GroupKey, frame: Bytes) {
+    let bindings = bindings_of(&engine.borrow(), "stream");
+    if bindings.is_empty() {
+        return;
+    }
+    let payload_text = payload_of(&frame);
+    let Ok(payload) = serde_json::from_slice::<Value>(&payload_text) else { return };
+    let event_item = payload.get("id").and_then(Value::as_str).unwrap_or("").to_string();
+    let matching: Vec<_> = bindings
+        .into_iter()
+        .filter(|(_, _, _, config)| {
+            config.get("stream_name").and_then(Value::as_str) == Some(key.0.as_str())
+                && config_matches(config, "group_id", &key.1)
+                && config_matches(config, "item_id", &event_item)
+        })
+        .collect();
+    if matching.is_empty() {
+        return;
+    }
+    let engine = engine.clone();
+    glommio::spawn_local(async move {
+        for (ns, function_id, metadata, config) in matching {
+            if let Some(condition) = config.get("condition_function_id").and_then(Value::as_str) {
+                match call_and_wait(&engine, &ns, condition, payload.clone(), metadata.clone()).await {
+                    Ok(Some(Value::Bool(false))) => continue,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(condition, code = %e.code, "stream trigger condition failed; handler skipped");
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = call_and_wait(&engine, &ns, &function_id, payload.clone(), metadata).await {
+                tracing::warn!(function_id, code = %e.code, message = %e.message, "stream trigger handler failed");
+            }
+        }
+    })
+    .detach();
+}
+
+/// Serves the shards' requests to the control core until the channel closes.
+pub async fn serve_shard_requests(engine: Rc<RefCell<Engine>>, mut requests: futures_channel::mpsc::UnboundedReceiver<ControlRequest>) {
+    use futures_util::StreamExt;
+    while let Some(request) = requests.next().await {
+        let engine = engine.clone();
+        glommio::spawn_local(async move {
+            match request {
+                ControlRequest::Auth { function_id, input, reply } => {
+                    let outcome = call_and_wait(&engine, DEFAULT_NS, &function_id, input, None).await;
+                    let _ = reply.send(match outcome {
+                        Ok(result) => Ok(result.unwrap_or(Value::Null)),
+                        Err(e) => Err(format!("{}: {}", e.code, e.message)),
+                    });
+                }
+                ControlRequest::Join { payload, reply } => {
+                    let mut authorized = true;
+                    let bindings = bindings_of(&engine.borrow(), "stream:join");
+                    for (ns, function_id, metadata, _) in bindings {
+                        let outcome = call_and_wait(&engine, &ns, &function_id, payload.clone(), metadata).await;
+                        if let Ok(Some(result)) = outcome {
+                            if result.get("unauthorized") == Some(&Value::Bool(true)) {
+                                authorized = false;
+                            }
+                        }
+                    }
+                    let _ = reply.send(authorized);
+                }
+                ControlRequest::Leave { payload } => {
+                    let bindings = bindings_of(&engine.borrow(), "stream:leave");
+                    for (ns, function_id, metadata, _) in bindings {
+                        let _ = call_and_wait(&engine, &ns, &function_id, payload.clone(), metadata).await;
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+}

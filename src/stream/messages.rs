@@ -1,0 +1,87 @@
+//! Messages between the control core and the shard cores. Every core has one inbox; messages
+//! cross cores through lock-free channels, never through shared state.
+
+use bytes::Bytes;
+use futures_channel::{mpsc, oneshot};
+use serde_json::Value;
+
+/// `(stream_name, group_id)`: the unit of ownership, ordering and subscription.
+pub type GroupKey = (String, String);
+
+/// Identifies a subscriber connection on its shard.
+pub type ConnId = u64;
+
+/// A storage operation for the shard that owns the group.
+#[derive(Debug)]
+pub enum StoreOp {
+    Set { item: String, data: Value },
+    Get { item: String },
+    Delete { item: String },
+    List,
+    Update { item: String, ops: Vec<ringcast_storage::update_ops::UpdateOp> },
+    /// `stream::send`: an ephemeral event, nothing stored.
+    Send { item: Option<String>, event_type: String, data: Value },
+    /// An event whose storage was done elsewhere (a custom `stream::<op>(<name>)` function).
+    Emit { item: Option<String>, kind: EventKind, data: Value },
+}
+
+/// What a mutation did, as subscribers and triggers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Create,
+    Update,
+    Delete,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Create => "create",
+            EventKind::Update => "update",
+            EventKind::Delete => "delete",
+        }
+    }
+}
+
+/// The owner shard's answer to a `StoreOp`.
+#[derive(Debug)]
+pub struct StoreReply {
+    /// The function's result (`None` = no result), or an error `(code, message)`.
+    pub result: Result<Option<Value>, (String, String)>,
+    /// The event's subscriber frame, when the operation produced one (for `stream` triggers).
+    pub event: Option<Bytes>,
+}
+
+/// A message to a shard's inbox.
+pub enum ShardMsg {
+    /// From the control core: run `op` on group `key`.
+    Store { key: GroupKey, op: StoreOp, reply: oneshot::Sender<StoreReply> },
+    /// From the control core: groups of `stream` held by this shard.
+    ListGroups { stream: String, reply: oneshot::Sender<Vec<String>> },
+    /// From the control core: every stream and its groups held by this shard.
+    ListStreams { reply: oneshot::Sender<Vec<(String, Vec<String>)>> },
+    /// From a shard with a new subscriber: register interest and send back a snapshot.
+    Join { from_shard: usize, conn: ConnId, join_id: u64, key: GroupKey, item: Option<String> },
+    /// From a shard: one subscription of `key` there has ended.
+    Leave { from_shard: usize, key: GroupKey },
+    /// From the owner: the `sync` frame of a subscription, taken at the point in the group's
+    /// event sequence after which `Deliver`s for it follow.
+    Synced { conn: ConnId, join_id: u64, key: GroupKey, frame: Bytes },
+    /// From the owner: one event frame of `key`, for this shard's subscribers.
+    Deliver { key: GroupKey, item: Option<String>, frame: Bytes },
+    /// Stop serving.
+    Shutdown,
+}
+
+/// A request from a shard to the control core (which runs functions on workers).
+pub enum ControlRequest {
+    /// Call the auth function with the upgrade request; answer its `context`.
+    Auth { function_id: String, input: Value, reply: oneshot::Sender<Result<Value, String>> },
+    /// Run the `stream:join` triggers; answer whether the join is authorized.
+    Join { payload: Value, reply: oneshot::Sender<bool> },
+    /// Run the `stream:leave` triggers.
+    Leave { payload: Value },
+}
+
+pub type ShardSender = mpsc::UnboundedSender<ShardMsg>;
+pub type ControlSender = mpsc::UnboundedSender<ControlRequest>;

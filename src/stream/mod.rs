@@ -1,0 +1,18 @@
+//! The stream module (spec/stream.md): `stream::*` functions on the control core, groups owned
+//! by shard cores, and the subscriber WebSocket served by every shard.
+
+pub mod frames;
+pub mod functions;
+pub mod messages;
+pub mod shard;
+mod subscriber;
+
+use crate::config::StreamConfig;
+use messages::ShardSender;
+
+/// What the control core holds of the stream module: the shards' inboxes and the settings.
+pub struct StreamService {
+    pub shards: Vec<ShardSender>,
+    #[allow(dead_code)]
+    pub config: StreamConfig,
+}

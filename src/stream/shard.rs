@@ -1,0 +1,444 @@
+//! One shard core: owns the groups that hash to it (their store and event order), serves the
+//! subscriber connections accepted on its listener, and fans each event frame out — built once,
+//! shared by every subscriber on every shard.
+
+use super::frames;
+use super::messages::*;
+use super::subscriber;
+use crate::config::StreamConfig;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use ringcast_shards::outbound::{OutQueue, Push};
+use ringcast_shards::wsframe::{close_frame, text_frame};
+use ringcast_storage::memory::MemoryStore;
+use ringcast_storage::update_ops;
+use ringcast_storage::{Json, KvStore};
+use serde_json::{json, Value};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Close code and reason for a subscriber that fell behind its queue bound.
+pub const CLOSE_SLOW: (u16, &str) = (4008, "slow subscriber");
+/// How long a closing connection may take to flush its close frame before its socket is shut.
+const CLOSE_FLUSH_LIMIT: Duration = Duration::from_secs(2);
+
+/// Everything a shard needs to know about its peers.
+pub struct ShardContext {
+    pub index: usize,
+    /// Inboxes of all shards, this one included, by index.
+    pub peers: Vec<ShardSender>,
+    pub control: ControlSender,
+    pub config: StreamConfig,
+}
+
+/// A subscription registered on this shard, receiving the group's frames.
+struct LocalSub {
+    conn: ConnId,
+    join_id: u64,
+    item: Option<String>,
+}
+
+/// A subscription of a connection, as the connection knows it.
+pub struct SubState {
+    pub key: GroupKey,
+    pub item: Option<String>,
+    pub join_id: u64,
+    /// Registered for delivery (its `sync` frame has been queued).
+    pub active: bool,
+}
+
+/// A subscriber connection served by this shard.
+pub struct Conn {
+    pub queue: OutQueue,
+    pub fd: RawFd,
+    pub context: Value,
+    pub subs: HashMap<String, SubState>,
+}
+
+/// The state of one shard core.
+pub struct Shard {
+    pub ctx: ShardContext,
+    store: MemoryStore,
+    /// Owner side: per owned group, how many subscriptions each shard holds.
+    interest: HashMap<GroupKey, HashMap<usize, usize>>,
+    /// Subscriber side: subscriptions of this shard's connections, per group.
+    local: HashMap<GroupKey, Vec<LocalSub>>,
+    pub conns: HashMap<ConnId, Conn>,
+    next_conn: ConnId,
+    next_join: u64,
+    pub slow_closes: u64,
+}
+
+fn storage_error(code: &str, message: impl Into<String>) -> Result<Option<Value>, (String, String)> {
+    Err((code.to_string(), message.into()))
+}
+
+fn parse_stored(json: &Json) -> Value {
+    serde_json::from_str(json).unwrap_or(Value::Null)
+}
+
+impl Shard {
+    pub fn new(ctx: ShardContext) -> Self {
+        Shard {
+            ctx,
+            store: MemoryStore::new(),
+            interest: HashMap::new(),
+            local: HashMap::new(),
+            conns: HashMap::new(),
+            next_conn: 1,
+            next_join: 1,
+            slow_closes: 0,
+        }
+    }
+
+    pub fn owner_of(&self, key: &GroupKey) -> usize {
+        ringcast_shards::routing::owner_shard(&key.0, &key.1, self.ctx.peers.len())
+    }
+
+    /// Applies one inbox message.
+    pub fn handle(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Store { key, op, reply } => {
+                let reply_value = self.store_op(&key, op);
+                let _ = reply.send(reply_value);
+            }
+            ShardMsg::ListGroups { stream, reply } => {
+                let _ = reply.send(self.store.list_groups(&stream));
+            }
+            ShardMsg::ListStreams { reply } => {
+                let _ = reply.send(self.store.list_streams());
+            }
+            ShardMsg::Join { from_shard, conn, join_id, key, item } => self.join_at_owner(from_shard, conn, join_id, key, item),
+            ShardMsg::Leave { from_shard, key } => self.leave_at_owner(from_shard, &key),
+            ShardMsg::Synced { conn, join_id, key, frame } => self.activate(conn, join_id, key, frame),
+            ShardMsg::Deliver { key, item, frame } => self.deliver_local(&key, item.as_deref(), &frame),
+            ShardMsg::Shutdown => {}
+        }
+    }
+
+    /// Runs a storage operation on an owned group and publishes its event.
+    fn store_op(&mut self, key: &GroupKey, op: StoreOp) -> StoreReply {
+        let (stream, group) = (key.0.as_str(), key.1.as_str());
+        let max_value = self.ctx.config.max_value_bytes;
+        let mut event: Option<(Option<String>, String)> = None;
+        let result = match op {
+            StoreOp::Set { item, data } => {
+                let text: Json = serde_json::to_string(&data).expect("values serialise").into();
+                if text.len() > max_value {
+                    storage_error("STREAM_SET_ERROR", format!("Failed to set value: the value is {} bytes, over the limit of {max_value} bytes (max_value_bytes)", text.len()))
+                } else {
+                    match self.store.set(stream, group, &item, text.clone()) {
+                        Ok(old) => {
+                            let kind = if old.is_some() { EventKind::Update } else { EventKind::Create };
+                            event = Some((Some(item.clone()), frames::data_event(stream, group, Some(&item), kind.as_str(), &text)));
+                            Ok(Some(json!({ "old_value": old.as_ref().map(parse_stored), "new_value": data })))
+                        }
+                        Err(e) => storage_error("STREAM_SET_ERROR", format!("Failed to set value: {e}")),
+                    }
+                }
+            }
+            StoreOp::Get { item } => Ok(self.store.get(stream, group, &item).as_ref().map(parse_stored)),
+            StoreOp::Delete { item } => match self.store.delete(stream, group, &item) {
+                Ok(old) => {
+                    if let Some(old) = &old {
+                        event = Some((Some(item.clone()), frames::data_event(stream, group, Some(&item), "delete", old)));
+                    }
+                    Ok(Some(json!({ "old_value": old.as_ref().map(parse_stored) })))
+                }
+                Err(e) => storage_error("STREAM_DELETE_ERROR", format!("Failed to delete value: {e}")),
+            },
+            StoreOp::List => {
+                let values: Vec<Value> = self.store.list(stream, group).iter().map(parse_stored).collect();
+                Ok(Some(Value::Array(values)))
+            }
+            StoreOp::Update { item, ops } => {
+                let old = self.store.get(stream, group, &item);
+                let old_value = old.as_ref().map(parse_stored);
+                let (new_value, errors) = update_ops::apply(old_value.as_ref(), &ops);
+                let text: Json = serde_json::to_string(&new_value).expect("values serialise").into();
+                if text.len() > max_value {
+                    storage_error("STREAM_UPDATE_ERROR", format!("Failed to update value: the result is {} bytes, over the limit of {max_value} bytes (max_value_bytes)", text.len()))
+                } else {
+                    match self.store.set(stream, group, &item, text.clone()) {
+                        Ok(_) => {
+                            let kind = if old.is_some() { EventKind::Update } else { EventKind::Create };
+                            event = Some((Some(item.clone()), frames::data_event(stream, group, Some(&item), kind.as_str(), &text)));
+                            let mut result = json!({ "old_value": old_value, "new_value": new_value });
+                            if !errors.is_empty() {
+                                result["errors"] = serde_json::to_value(&errors).expect("errors serialise");
+                            }
+                            Ok(Some(result))
+                        }
+                        Err(e) => storage_error("STREAM_UPDATE_ERROR", format!("Failed to update value: {e}")),
+                    }
+                }
+            }
+            StoreOp::Send { item, event_type, data } => {
+                let data = serde_json::to_string(&data).expect("values serialise");
+                event = Some((item.clone(), frames::custom_event(stream, group, item.as_deref(), &event_type, &data)));
+                Ok(Some(Value::Null))
+            }
+            StoreOp::Emit { item, kind, data } => {
+                let data = serde_json::to_string(&data).expect("values serialise");
+                event = Some((item.clone(), frames::data_event(stream, group, item.as_deref(), kind.as_str(), &data)));
+                Ok(None)
+            }
+        };
+        let event = event.map(|(item, text)| self.publish(key, item, text.as_bytes()));
+        StoreReply { result, event }
+    }
+
+    /// Builds the event's frame once and hands it to every shard with subscribers of the group.
+    fn publish(&mut self, key: &GroupKey, item: Option<String>, text: &[u8]) -> Bytes {
+        let frame = text_frame(text);
+        let Some(shards) = self.interest.get(key) else { return frame };
+        let mut deliver_here = false;
+        for &shard in shards.keys() {
+            if shard == self.ctx.index {
+                deliver_here = true;
+            } else {
+                let _ = self.ctx.peers[shard].unbounded_send(ShardMsg::Deliver { key: key.clone(), item: item.clone(), frame: frame.clone() });
+            }
+        }
+        if deliver_here {
+            self.deliver_local(key, item.as_deref(), &frame);
+        }
+        frame
+    }
+
+    /// Queues `frame` for every local subscription of `key` that matches `item`.
+    fn deliver_local(&mut self, key: &GroupKey, item: Option<&str>, frame: &Bytes) {
+        let Some(subs) = self.local.get(key) else { return };
+        let mut slow = Vec::new();
+        for sub in subs {
+            if sub.item.is_some() && sub.item.as_deref() != item {
+                continue;
+            }
+            if let Some(conn) = self.conns.get(&sub.conn) {
+                if conn.queue.push(frame.clone()) == Push::Overflow {
+                    slow.push(sub.conn);
+                }
+            }
+        }
+        for conn in slow {
+            self.close_slow(conn);
+        }
+    }
+
+    /// The slow-subscriber policy: close with 4008, stop delivering to it at once.
+    fn close_slow(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        if c.queue.is_closing() {
+            return;
+        }
+        self.slow_closes += 1;
+        tracing::warn!(shard = self.ctx.index, conn, queued_bytes = c.queue.queued_bytes(), "closing slow subscriber (4008): its outbound queue passed max_queue_bytes");
+        self.close_conn(conn, CLOSE_SLOW.0, CLOSE_SLOW.1);
+    }
+
+    /// Sends a close frame (dropping queued frames), ends its subscriptions, and shuts the socket
+    /// if the close frame cannot be flushed in time.
+    pub fn close_conn(&mut self, conn: ConnId, code: u16, reason: &str) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        c.queue.close(close_frame(code, reason));
+        let fd = c.fd;
+        let queue = c.queue.clone();
+        self.drop_subscriptions(conn);
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(CLOSE_FLUSH_LIMIT).await;
+            if queue.is_closing() {
+                // SAFETY: shutdown(2) on a socket fd that stays open until its task ends; it only
+                // makes pending reads and writes on it fail.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+        })
+        .detach();
+    }
+
+    /// Registers a new connection.
+    pub fn add_conn(&mut self, queue: OutQueue, fd: RawFd, context: Value) -> ConnId {
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(id, Conn { queue, fd, context, subs: HashMap::new() });
+        id
+    }
+
+    /// Removes a connection, ending its subscriptions; returns what they were (for leave triggers).
+    pub fn remove_conn(&mut self, conn: ConnId) -> Vec<(String, GroupKey, Option<String>)> {
+        let ended = self.drop_subscriptions(conn);
+        self.conns.remove(&conn);
+        ended
+    }
+
+    fn drop_subscriptions(&mut self, conn: ConnId) -> Vec<(String, GroupKey, Option<String>)> {
+        let Some(c) = self.conns.get_mut(&conn) else { return Vec::new() };
+        let subs: Vec<(String, SubState)> = c.subs.drain().collect();
+        subs.into_iter()
+            .map(|(id, sub)| {
+                let ended = (id, sub.key.clone(), sub.item.clone());
+                self.end_subscription(conn, sub);
+                ended
+            })
+            .collect()
+    }
+
+    /// Starts a subscription of `conn`: the owner snapshots the group and registers interest at
+    /// the same point of its event sequence. Replaces a subscription with the same id.
+    pub fn join(&mut self, conn: ConnId, subscription: String, key: GroupKey, item: Option<String>) {
+        let join_id = self.next_join;
+        self.next_join += 1;
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let previous = c.subs.insert(subscription, SubState { key: key.clone(), item: item.clone(), join_id, active: false });
+        if let Some(previous) = previous {
+            self.end_subscription(conn, previous);
+        }
+        let owner = self.owner_of(&key);
+        if owner == self.ctx.index {
+            self.join_at_owner(owner, conn, join_id, key, item);
+        } else {
+            let msg = ShardMsg::Join { from_shard: self.ctx.index, conn, join_id, key, item };
+            let _ = self.ctx.peers[owner].unbounded_send(msg);
+        }
+    }
+
+    /// Ends one subscription of `conn` by id; returns it if it existed.
+    pub fn leave(&mut self, conn: ConnId, subscription: &str) -> Option<(GroupKey, Option<String>)> {
+        let sub = self.conns.get_mut(&conn)?.subs.remove(subscription)?;
+        let ended = (sub.key.clone(), sub.item.clone());
+        self.end_subscription(conn, sub);
+        Some(ended)
+    }
+
+    /// Stops delivery of an ended subscription; an active one releases its interest at the owner
+    /// now, a pending one when its `Synced` arrives (see `activate`).
+    fn end_subscription(&mut self, conn: ConnId, sub: SubState) {
+        if !sub.active {
+            return;
+        }
+        if let Some(subs) = self.local.get_mut(&sub.key) {
+            subs.retain(|s| !(s.conn == conn && s.join_id == sub.join_id));
+            if subs.is_empty() {
+                self.local.remove(&sub.key);
+            }
+        }
+        self.release_interest(sub.key);
+    }
+
+    fn release_interest(&mut self, key: GroupKey) {
+        let owner = self.owner_of(&key);
+        if owner == self.ctx.index {
+            self.leave_at_owner(owner, &key);
+        } else {
+            let _ = self.ctx.peers[owner].unbounded_send(ShardMsg::Leave { from_shard: self.ctx.index, key });
+        }
+    }
+
+    fn join_at_owner(&mut self, from_shard: usize, conn: ConnId, join_id: u64, key: GroupKey, item: Option<String>) {
+        *self.interest.entry(key.clone()).or_default().entry(from_shard).or_default() += 1;
+        let text = match &item {
+            Some(id) => {
+                let value = self.store.get(&key.0, &key.1, id);
+                frames::data_event(&key.0, &key.1, Some(id), "sync", value.as_deref().unwrap_or("null"))
+            }
+            None => frames::group_sync(&key.0, &key.1, &self.store.list(&key.0, &key.1)),
+        };
+        let frame = text_frame(text.as_bytes());
+        if from_shard == self.ctx.index {
+            // Activate now: the next local publish must already include this subscription.
+            self.activate(conn, join_id, key, frame);
+        } else {
+            let _ = self.ctx.peers[from_shard].unbounded_send(ShardMsg::Synced { conn, join_id, key, frame });
+        }
+    }
+
+    fn leave_at_owner(&mut self, from_shard: usize, key: &GroupKey) {
+        if let Some(shards) = self.interest.get_mut(key) {
+            if let Some(count) = shards.get_mut(&from_shard) {
+                *count -= 1;
+                if *count == 0 {
+                    shards.remove(&from_shard);
+                }
+            }
+            if shards.is_empty() {
+                self.interest.remove(key);
+            }
+        }
+    }
+
+    /// The owner's snapshot arrived: queue the `sync` frame and start delivering. A subscription
+    /// that ended (or was replaced) meanwhile gives its interest back instead.
+    fn activate(&mut self, conn: ConnId, join_id: u64, key: GroupKey, frame: Bytes) {
+        let sub = self
+            .conns
+            .get_mut(&conn)
+            .and_then(|c| c.subs.values_mut().find(|s| s.join_id == join_id));
+        let Some(sub) = sub else {
+            self.release_interest(key);
+            return;
+        };
+        sub.active = true;
+        let item = sub.item.clone();
+        self.local.entry(key).or_default().push(LocalSub { conn, join_id, item });
+        if self.conns[&conn].queue.push(frame) == Push::Overflow {
+            self.close_slow(conn);
+        }
+    }
+
+    /// Closes every connection with "going away".
+    pub fn shutdown(&mut self) {
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.close_conn(conn, 1001, "engine shutting down");
+        }
+    }
+}
+
+/// Runs shard `ctx.index` until `shutdown` is set.
+pub async fn run(
+    ctx: ShardContext,
+    inbox: futures_channel::mpsc::UnboundedReceiver<ShardMsg>,
+    listener_fd: std::os::fd::OwnedFd,
+    shutdown: Arc<AtomicBool>,
+) {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let index = ctx.index;
+    let shard = Rc::new(RefCell::new(Shard::new(ctx)));
+
+    let inbox_shard = shard.clone();
+    glommio::spawn_local(async move {
+        let mut inbox = inbox;
+        while let Some(msg) = inbox.next().await {
+            inbox_shard.borrow_mut().handle(msg);
+        }
+    })
+    .detach();
+
+    // SAFETY: a bound, listening TCP socket handed to this shard alone.
+    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd.into_raw_fd()) };
+    let accept_shard = shard.clone();
+    glommio::spawn_local(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    glommio::spawn_local(subscriber::serve(accept_shard.clone(), stream)).detach();
+                }
+                Err(e) => {
+                    tracing::warn!(shard = index, "stream port accept failed: {e}");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    })
+    .detach();
+
+    while !shutdown.load(Ordering::Relaxed) {
+        glommio::timer::sleep(Duration::from_millis(25)).await;
+    }
+    shard.borrow_mut().shutdown();
+    glommio::timer::sleep(Duration::from_millis(200)).await;
+}
