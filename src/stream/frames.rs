@@ -89,7 +89,7 @@ mod tests {
         let text = group_sync("s", "g", &["1", "{\"a\":2}"]);
         assert_eq!(parse(&text)["event"], json!({"type":"sync","data":[1,{"a":2}]}));
         assert_eq!(parse(&text)["id"], Value::Null);
-        assert_eq!(parse(&group_sync::<&str>("s", "g", &[]))["event"]["data"], json!([]));
+        assert_eq!(parse(&group_sync("s", "g", &Vec::<&str>::new()))["event"]["data"], json!([]));
     }
 
     #[test]
