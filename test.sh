@@ -12,9 +12,8 @@ cargo test --release --workspace
 
 export RINGCAST_BIN="$PWD/target/release/ringcast"
 
-for sdk in node python; do
-  if [ -f "tests/sdk/$sdk/run.sh" ]; then
-    echo "== $sdk SDK suite (official iii-sdk package) =="
-    bash "tests/sdk/$sdk/run.sh"
-  fi
-done
+echo "== Node SDK suite (npm iii-sdk 0.22.1) =="
+bash tests/sdk/node/run.sh
+
+echo "== Python SDK suite (PyPI iii-sdk 0.25.0) =="
+bash tests/sdk/python/run.sh

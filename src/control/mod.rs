@@ -11,7 +11,7 @@ pub mod wire;
 
 use engine::Engine;
 use glommio::net::TcpListener;
-use std::os::fd::{FromRawFd, OwnedFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +34,7 @@ pub async fn run(
     streams: Option<(crate::stream::StreamService, ShardRequests)>,
     shutdown: Arc<AtomicBool>,
 ) {
+    let listener_fd = listener.as_raw_fd();
     // SAFETY: the fd is a bound, listening TCP socket whose ownership we take here.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
     let timeout = config.invocation_timeout_ms;
@@ -47,12 +48,14 @@ pub async fn run(
     }
 
     let acceptor = engine.clone();
+    let stopping = shutdown.clone();
     glommio::spawn_local(async move {
         loop {
             match listener.accept().await {
                 Ok(stream) => {
                     glommio::spawn_local(connection::serve(acceptor.clone(), stream)).detach();
                 }
+                Err(_) if stopping.load(Ordering::Relaxed) => return,
                 Err(e) => {
                     tracing::warn!("worker port accept failed: {e}");
                     glommio::timer::sleep(Duration::from_millis(10)).await;
@@ -78,6 +81,14 @@ pub async fn run(
         glommio::timer::sleep(SHUTDOWN_POLL).await;
     }
     tracing::info!("shutting down: answering waiting callers and closing worker sockets");
+    stop_listening(listener_fd);
     engine.borrow_mut().shutdown();
     glommio::timer::sleep(SHUTDOWN_GRACE).await;
+}
+
+/// Ends the pending accept on a listening socket, so the port is free the moment the process
+/// exits (an accept still queued in io_uring would keep it bound a little longer).
+pub fn stop_listening(fd: RawFd) {
+    // SAFETY: shutdown(2) on a listening socket we own; it only wakes its pending accept.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }

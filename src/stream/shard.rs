@@ -418,15 +418,18 @@ pub async fn run(
     })
     .detach();
 
+    let listener_fd = listener_fd.into_raw_fd();
     // SAFETY: a bound, listening TCP socket handed to this shard alone.
-    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd.into_raw_fd()) };
+    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
     let accept_shard = shard.clone();
+    let stopping = shutdown.clone();
     glommio::spawn_local(async move {
         loop {
             match listener.accept().await {
                 Ok(stream) => {
                     glommio::spawn_local(subscriber::serve(accept_shard.clone(), stream)).detach();
                 }
+                Err(_) if stopping.load(Ordering::Relaxed) => return,
                 Err(e) => {
                     tracing::warn!(shard = index, "stream port accept failed: {e}");
                     glommio::timer::sleep(Duration::from_millis(10)).await;
@@ -439,6 +442,7 @@ pub async fn run(
     while !shutdown.load(Ordering::Relaxed) {
         glommio::timer::sleep(Duration::from_millis(25)).await;
     }
+    crate::control::stop_listening(listener_fd);
     shard.borrow_mut().shutdown();
     glommio::timer::sleep(Duration::from_millis(200)).await;
 }
