@@ -336,7 +336,7 @@ fn fire_stream_triggers(engine: &Rc<RefCell<Engine>>, key: &GroupKey, frame: Byt
         return;
     }
     let engine = engine.clone();
-    glommio::spawn_local(async move {
+    crate::control::engine::spawn_deferred(async move {
         for (ns, function_id, metadata, config) in matching {
             if let Some(condition) = config.get("condition_function_id").and_then(Value::as_str) {
                 match call_and_wait(&engine, &ns, condition, payload.clone(), metadata.clone()).await {
@@ -352,8 +352,7 @@ fn fire_stream_triggers(engine: &Rc<RefCell<Engine>>, key: &GroupKey, frame: Byt
                 tracing::warn!(function_id, code = %e.code, message = %e.message, "stream trigger handler failed");
             }
         }
-    })
-    .detach();
+    });
 }
 
 /// Serves the shards' requests to the control core until the channel closes.

@@ -241,3 +241,77 @@ impl Worker {
 pub fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
+
+/// A raw subscriber on the stream port.
+pub struct Subscriber {
+    pub ws: WebSocket<MaybeTlsStream<TcpStream>>,
+}
+
+impl Subscriber {
+    pub fn connect(engine: &Engine) -> Subscriber {
+        Subscriber::connect_path(engine, "/")
+    }
+
+    pub fn connect_path(engine: &Engine, path: &str) -> Subscriber {
+        let (ws, _) = tungstenite::connect(format!("ws://127.0.0.1:{}{path}", engine.stream_port)).expect("connect to stream port");
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(FRAME_WAIT)).unwrap();
+        }
+        Subscriber { ws }
+    }
+
+    pub fn send(&mut self, message: Value) {
+        self.ws.send(Message::text(message.to_string())).unwrap();
+    }
+
+    pub fn join(&mut self, subscription: &str, stream: &str, group: &str, item: Option<&str>) {
+        self.send(json!({"type": "join", "data": {"subscriptionId": subscription, "streamName": stream, "groupId": group, "id": item}}));
+    }
+
+    pub fn leave(&mut self, subscription: &str, stream: &str, group: &str) {
+        self.send(json!({"type": "leave", "data": {"subscriptionId": subscription, "streamName": stream, "groupId": group}}));
+    }
+
+    /// The next data frame; fails after `FRAME_WAIT`.
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => return serde_json::from_str(&text).expect("JSON frame"),
+                Ok(Message::Close(frame)) => panic!("subscriber closed: {frame:?}"),
+                Ok(_) => continue,
+                Err(e) => panic!("no frame within {FRAME_WAIT:?}: {e}"),
+            }
+        }
+    }
+
+    /// Joins and returns the sync frame.
+    pub fn join_sync(&mut self, subscription: &str, stream: &str, group: &str, item: Option<&str>) -> Value {
+        self.join(subscription, stream, group, item);
+        let frame = self.recv();
+        assert_eq!(frame["event"]["type"], "sync", "{frame}");
+        frame
+    }
+}
+
+impl Worker {
+    /// Calls a function and returns its `result`, failing on an error.
+    pub fn ok(&mut self, function_id: &str, data: Value) -> Value {
+        let result = self.call(function_id, data);
+        assert!(result.get("error").is_none(), "{function_id} failed: {result}");
+        result.get("result").cloned().unwrap_or(Value::Null)
+    }
+
+    /// Sets an item on the `barrier` stream, which `subscriber` has joined (group `b`) on a
+    /// one-shard engine: the barrier frame is the next frame it gets, so anything the engine
+    /// would have sent it before has arrived by then — a way to assert absence without a sleep.
+    pub fn barrier(&mut self, subscriber: &mut Subscriber) {
+        let mark = uuid();
+        self.set("barrier", "b", &mark, json!(mark));
+        let frame = subscriber.recv();
+        assert_eq!((frame["streamName"].as_str(), frame["id"].as_str()), (Some("barrier"), Some(mark.as_str())), "unexpected frame before the barrier: {frame}");
+    }
+
+    pub fn set(&mut self, stream: &str, group: &str, item: &str, data: Value) -> Value {
+        self.ok("stream::set", json!({"stream_name": stream, "group_id": group, "item_id": item, "data": data}))
+    }
+}

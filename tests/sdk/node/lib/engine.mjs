@@ -83,6 +83,7 @@ class EngineProcess {
     this.child = child;
     this.configPath = configPath;
     this.url = `ws://127.0.0.1:${port}`;
+    this.streamUrl = `ws://127.0.0.1:${streamPort}`; // subscriber WebSocket (iii-stream)
     this.log = '';
     this.exitInfo = null;
     this.exited = new Promise((resolve) => {
@@ -131,9 +132,14 @@ class EngineProcess {
 
 /**
  * Start an engine. `port`/`streamPort` may be given (e.g. to restart on the same port),
- * otherwise free ports are picked. Resolves once a TCP connect to the worker port succeeds.
+ * otherwise free ports are picked. `shards` is passed as `--shards` (default 1).
+ * `streamConfig` adds keys to the `iii-stream` config block (values written as JSON, which
+ * is valid YAML), e.g. `{ auth_function: 'auth::check', auth_required: true }`.
+ * Resolves once TCP connects to the worker port and the stream (subscriber) port succeed.
  */
-export async function startEngine({ port, streamPort, readyTimeoutMs = 10000 } = {}) {
+export async function startEngine({
+  port, streamPort, shards = 1, streamConfig = {}, readyTimeoutMs = 10000,
+} = {}) {
   const bin = engineBinary();
   if (!existsSync(bin)) {
     throw new Error(`ringcast binary not found at ${bin} (set RINGCAST_BIN)`);
@@ -152,10 +158,11 @@ export async function startEngine({ port, streamPort, readyTimeoutMs = 10000 } =
     '    config:',
     '      host: 127.0.0.1',
     `      port: ${S}`,
+    ...Object.entries(streamConfig).map(([k, v]) => `      ${k}: ${JSON.stringify(v)}`),
     '',
   ].join('\n'));
 
-  const child = spawn(bin, ['--config', configPath, '--shards', '1'], {
+  const child = spawn(bin, ['--config', configPath, '--shards', String(shards)], {
     cwd: dir,
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env },
@@ -176,11 +183,11 @@ export async function startEngine({ port, streamPort, readyTimeoutMs = 10000 } =
         `--- engine output ---\n${engine.logTail()}`,
       );
     }
-    if (await tcpProbe(P)) return engine;
+    if (await tcpProbe(P) && await tcpProbe(S)) return engine;
     if (Date.now() > deadline) {
       await engine.stop({ graceMs: 1000 });
       throw new Error(
-        `engine did not accept TCP connections on 127.0.0.1:${P} within ${readyTimeoutMs} ms\n` +
+        `engine did not accept TCP connections on 127.0.0.1:${P} and :${S} within ${readyTimeoutMs} ms\n` +
         `--- engine output ---\n${engine.logTail()}`,
       );
     }

@@ -1,0 +1,363 @@
+//! One WebSocket connection on the lean receive path, and per-thread counters.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+
+use hdrhistogram::Histogram;
+
+use crate::caller::Caller;
+use crate::ws::{self, FrameSink, FrameWalker};
+
+/// Largest sampled frame copied for latency extraction; bigger ones are counted but not timed.
+const SAMPLE_CAP: usize = 4 << 20;
+/// Largest first frame (sync / workerregistered) examined.
+const FIRST_CAP: usize = 64 << 20;
+
+pub fn new_hist() -> Histogram<u64> {
+    // 1 ns .. 100 s, 3 significant digits
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("histogram bounds")
+}
+
+/// Counters owned by one loop thread (merged at the end).
+pub struct ThreadStats {
+    /// data messages counted after the subscriber's first (sync) frame
+    pub delivered: u64,
+    pub delivered_flushed: u64,
+    /// subscribers whose first frame matched the expected pattern
+    pub synced: u64,
+    pub synced_flushed: u64,
+    /// first frames that did not match the expected pattern (e.g. `unauthorized`)
+    pub unexpected: u64,
+    pub first_unexpected: Option<String>,
+    /// sampled frames without a usable "t"
+    pub no_t: u64,
+    pub bytes_in: u64,
+    pub closed: u64,
+    /// set → delivery latency of sampled frames (ns)
+    pub hist: Histogram<u64>,
+    pub last_delivery_ns: u64,
+}
+
+impl ThreadStats {
+    pub fn new() -> ThreadStats {
+        ThreadStats {
+            delivered: 0,
+            delivered_flushed: 0,
+            synced: 0,
+            synced_flushed: 0,
+            unexpected: 0,
+            first_unexpected: None,
+            no_t: 0,
+            bytes_in: 0,
+            closed: 0,
+            hist: new_hist(),
+            last_delivery_ns: 0,
+        }
+    }
+    pub fn merge(&mut self, o: &ThreadStats) {
+        self.delivered += o.delivered;
+        self.synced += o.synced;
+        self.unexpected += o.unexpected;
+        if self.first_unexpected.is_none() {
+            self.first_unexpected.clone_from(&o.first_unexpected);
+        }
+        self.no_t += o.no_t;
+        self.bytes_in += o.bytes_in;
+        self.closed += o.closed;
+        self.hist.add(&o.hist).ok();
+        self.last_delivery_ns = self.last_delivery_ns.max(o.last_delivery_ns);
+    }
+}
+
+#[derive(Clone, Copy)]
+pub enum Mode {
+    /// Count data messages; the first one must contain `first` (then the connection is
+    /// "synced"), later ones are counted and every `sample_every`-th is timed.
+    Count {
+        sample_every: u32,
+        latency: bool,
+        first: Option<&'static [u8]>,
+    },
+    /// Collect every complete data message into the inbox (worker connections).
+    Full,
+}
+
+pub struct RxState {
+    pub mode: Mode,
+    pub synced: bool,
+    cur_ctl: bool,
+    /// false while a fragmented data message is incomplete
+    pub cur_fin: bool,
+    ctl_op: u8,
+    ctl: Vec<u8>,
+    capturing: bool,
+    msg: Vec<u8>,
+    sample_ctr: u32,
+    /// Full mode: complete messages, back to back, with their bounds
+    pub inbox: Vec<u8>,
+    pub bounds: Vec<(usize, usize)>,
+    msg_start: usize,
+    /// outbound bytes not yet written
+    pub out: Vec<u8>,
+    pub mask: [u8; 4],
+    pub closed: bool,
+}
+
+impl RxState {
+    pub fn new(mode: Mode, mask: [u8; 4]) -> RxState {
+        let synced = matches!(mode, Mode::Count { first: None, .. });
+        RxState {
+            mode,
+            synced,
+            cur_ctl: false,
+            cur_fin: true,
+            ctl_op: 0,
+            ctl: Vec::new(),
+            capturing: false,
+            msg: Vec::new(),
+            sample_ctr: 0,
+            inbox: Vec::new(),
+            bounds: Vec::new(),
+            msg_start: 0,
+            out: Vec::new(),
+            mask,
+            closed: false,
+        }
+    }
+}
+
+struct Rx<'a> {
+    st: &'a mut RxState,
+    ts: &'a mut ThreadStats,
+    now: u64,
+}
+
+impl FrameSink for Rx<'_> {
+    #[inline]
+    fn frame_start(&mut self, opcode: u8, fin: bool, _len: u64) -> bool {
+        let st = &mut *self.st;
+        if opcode >= 8 {
+            st.cur_ctl = true;
+            st.ctl_op = opcode;
+            st.ctl.clear();
+            return true;
+        }
+        st.cur_ctl = false;
+        st.cur_fin = fin;
+        let new_msg = opcode != ws::OP_CONT;
+        match st.mode {
+            Mode::Full => {
+                if new_msg {
+                    st.msg_start = st.inbox.len();
+                }
+                true
+            }
+            Mode::Count {
+                sample_every,
+                latency,
+                ..
+            } => {
+                if new_msg {
+                    st.capturing = if !st.synced {
+                        true
+                    } else if latency {
+                        st.sample_ctr += 1;
+                        if st.sample_ctr >= sample_every {
+                            st.sample_ctr = 0;
+                            true
+                        } else {
+                            false
+                        }
+                    } else {
+                        false
+                    };
+                    if st.capturing {
+                        st.msg.clear();
+                    }
+                }
+                st.capturing
+            }
+        }
+    }
+
+    #[inline]
+    fn payload(&mut self, chunk: &[u8]) {
+        let st = &mut *self.st;
+        if st.cur_ctl {
+            if st.ctl.len() < 125 {
+                st.ctl
+                    .extend_from_slice(&chunk[..chunk.len().min(125 - st.ctl.len())]);
+            }
+            return;
+        }
+        match st.mode {
+            Mode::Full => st.inbox.extend_from_slice(chunk),
+            Mode::Count { .. } => {
+                if !st.capturing {
+                    return; // dropped earlier in this message (over the cap)
+                }
+                let cap = if st.synced { SAMPLE_CAP } else { FIRST_CAP };
+                if st.msg.len() + chunk.len() <= cap {
+                    st.msg.extend_from_slice(chunk);
+                } else {
+                    st.msg.clear();
+                    st.capturing = false; // too big to look at
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn frame_end(&mut self) {
+        let st = &mut *self.st;
+        if st.cur_ctl {
+            st.cur_ctl = false;
+            match st.ctl_op {
+                ws::OP_PING => {
+                    let mask = st.mask;
+                    ws::encode_client_frame(&mut st.out, ws::OP_PONG, &st.ctl, mask);
+                }
+                ws::OP_CLOSE => st.closed = true,
+                _ => {}
+            }
+            return;
+        }
+        if !st.cur_fin {
+            return;
+        }
+        match st.mode {
+            Mode::Full => {
+                st.bounds.push((st.msg_start, st.inbox.len()));
+            }
+            Mode::Count { first, latency, .. } => {
+                if !st.synced {
+                    let pat = first.unwrap_or(b"");
+                    if memchr::memmem::find(&st.msg, pat).is_some() {
+                        st.synced = true;
+                        self.ts.synced += 1;
+                    } else {
+                        self.ts.unexpected += 1;
+                        if self.ts.first_unexpected.is_none() {
+                            let n = st.msg.len().min(300);
+                            self.ts.first_unexpected =
+                                Some(String::from_utf8_lossy(&st.msg[..n]).into_owned());
+                        }
+                    }
+                    st.msg.clear();
+                    st.capturing = false;
+                    return;
+                }
+                self.ts.delivered += 1;
+                self.ts.last_delivery_ns = self.now;
+                if st.capturing && latency {
+                    match ws::extract_t(&st.msg) {
+                        Some(t) if t <= self.now => {
+                            self.ts.hist.saturating_record((self.now - t).max(1))
+                        }
+                        _ => self.ts.no_t += 1,
+                    }
+                    st.capturing = false;
+                }
+            }
+        }
+    }
+}
+
+pub enum Role {
+    Sub,
+    Caller(Box<Caller>),
+    Echo,
+    Idle,
+}
+
+pub struct Conn {
+    pub sock: TcpStream,
+    pub walker: FrameWalker,
+    pub rx: RxState,
+    pub out_pos: usize,
+    pub role: Role,
+    pub dead: bool,
+    /// bytes that arrived together with the handshake response
+    pub initial: Vec<u8>,
+}
+
+impl Conn {
+    pub fn new(sock: TcpStream, initial: Vec<u8>, mode: Mode, mask: [u8; 4], role: Role) -> Conn {
+        Conn {
+            sock,
+            walker: FrameWalker::new(),
+            rx: RxState::new(mode, mask),
+            out_pos: 0,
+            role,
+            dead: false,
+            initial,
+        }
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.sock.as_raw_fd()
+    }
+
+    pub fn send_text(&mut self, payload: &[u8]) {
+        let mask = self.rx.mask;
+        ws::encode_client_frame(&mut self.rx.out, ws::OP_TEXT, payload, mask);
+    }
+
+    pub fn pending_out(&self) -> usize {
+        self.rx.out.len() - self.out_pos
+    }
+
+    /// Writes as much queued output as the socket takes.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while self.out_pos < self.rx.out.len() {
+            match (&self.sock).write(&self.rx.out[self.out_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.out_pos == self.rx.out.len() {
+            self.rx.out.clear();
+            self.out_pos = 0;
+        } else if self.out_pos > (1 << 20) {
+            self.rx.out.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+        Ok(())
+    }
+
+    pub fn feed(&mut self, bytes: &[u8], ts: &mut ThreadStats, now: u64) {
+        ts.bytes_in += bytes.len() as u64;
+        let mut rx = Rx {
+            st: &mut self.rx,
+            ts,
+            now,
+        };
+        self.walker.feed(bytes, &mut rx);
+    }
+
+    /// Reads until the socket is drained (edge-triggered). Returns false when the peer closed.
+    pub fn read_ready(&mut self, rbuf: &mut [u8], ts: &mut ThreadStats) -> bool {
+        loop {
+            match (&self.sock).read(rbuf) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    let now = crate::sys::now_ns();
+                    self.feed(&rbuf[..n], ts, now);
+                    if self.rx.closed {
+                        return false;
+                    }
+                    if n < rbuf.len() {
+                        return true; // short read: the receive queue is empty for now
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Result table / one-line JSON, and the optional SVG latency plot.
+
+use std::io::IsTerminal;
+
+use hdrhistogram::Histogram;
+use serde_json::{Map, Value};
+
+pub struct Report {
+    mode: &'static str,
+    rows: Vec<(String, Value, String)>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    pub fn new(mode: &'static str) -> Report {
+        Report {
+            mode,
+            rows: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// `key` is the JSON key; `human` the table cell.
+    pub fn add(&mut self, key: &str, value: impl Into<Value>, human: impl Into<String>) {
+        self.rows
+            .push((key.to_string(), value.into(), human.into()));
+    }
+
+    pub fn num(&mut self, key: &str, v: f64, decimals: usize, unit: &str) {
+        let r = (v * 10f64.powi(decimals as i32)).round() / 10f64.powi(decimals as i32);
+        let value = if r.is_finite() {
+            Value::from(r)
+        } else {
+            Value::Null
+        };
+        let human = if unit.is_empty() {
+            format!("{r:.decimals$}")
+        } else {
+            format!("{r:.decimals$} {unit}")
+        };
+        self.add(key, value, human);
+    }
+
+    pub fn int(&mut self, key: &str, v: u64) {
+        self.add(key, v, group_digits(v));
+    }
+
+    pub fn note(&mut self, s: impl Into<String>) {
+        self.notes.push(s.into());
+    }
+
+    /// Latency percentiles in microseconds under `prefix_*`.
+    pub fn latency(&mut self, prefix: &str, h: &Histogram<u64>) {
+        self.int(&format!("{prefix}_samples"), h.len());
+        if h.is_empty() {
+            return;
+        }
+        let us = |ns: u64| ns as f64 / 1000.0;
+        for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)] {
+            self.num(
+                &format!("{prefix}_{name}_us"),
+                us(h.value_at_quantile(q)),
+                1,
+                "µs",
+            );
+        }
+        self.num(&format!("{prefix}_max_us"), us(h.max()), 1, "µs");
+        self.num(&format!("{prefix}_mean_us"), h.mean() / 1000.0, 1, "µs");
+    }
+
+    pub fn print(&self, json: bool) {
+        if json {
+            let mut m = Map::new();
+            m.insert("mode".into(), Value::from(self.mode));
+            for (k, v, _) in &self.rows {
+                m.insert(k.clone(), v.clone());
+            }
+            if !self.notes.is_empty() {
+                m.insert("notes".into(), Value::from(self.notes.clone()));
+            }
+            println!("{}", Value::Object(m));
+            return;
+        }
+        println!("ringcast-loadtest {}", self.mode);
+        let w = self.rows.iter().map(|r| r.0.len()).max().unwrap_or(10);
+        for (k, _, h) in &self.rows {
+            println!("  {k:<w$}  {h}");
+        }
+        for n in &self.notes {
+            println!("  note: {n}");
+        }
+    }
+}
+
+pub fn group_digits(v: u64) -> String {
+    let s = v.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push('_');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A live status line on stderr (carriage-return refreshed on a terminal, one line per tick
+/// otherwise).
+pub struct Progress {
+    tty: bool,
+    active: bool,
+}
+
+impl Progress {
+    pub fn new() -> Progress {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            active: false,
+        }
+    }
+    pub fn line(&mut self, s: &str) {
+        if self.tty {
+            eprint!("\r{s:<100}");
+            self.active = true;
+        } else {
+            eprintln!("{s}");
+        }
+    }
+    pub fn done(&mut self) {
+        if self.tty && self.active {
+            eprintln!();
+            self.active = false;
+        }
+    }
+}
+
+/// Writes a latency-by-percentile plot (log "nines" x axis, log latency y axis) as SVG.
+pub fn plot_svg(path: &std::path::Path, title: &str, h: &Histogram<u64>) -> std::io::Result<()> {
+    let (w, ht, l, r, t, b) = (800.0, 480.0, 70.0, 20.0, 40.0, 50.0);
+    let pw = w - l - r;
+    let ph = ht - t - b;
+    // x: log10(1/(1-q)), q from 0 to 0.99999 → 0..5
+    let xmax = 5.0f64;
+    let lo = (h.min().max(1) as f64).log10().floor();
+    let hi = (h.max().max(10) as f64).log10().ceil().max(lo + 1.0);
+    let x = |q: f64| l + pw * ((1.0 / (1.0 - q.min(0.99999))).log10() / xmax);
+    let y = |ns: u64| t + ph * (1.0 - (((ns.max(1) as f64).log10() - lo) / (hi - lo)));
+    let mut pts = String::new();
+    let mut q = 0.0;
+    while q <= 0.99999 {
+        let v = h.value_at_quantile(q);
+        pts.push_str(&format!("{:.1},{:.1} ", x(q), y(v)));
+        q = 1.0 - (1.0 - q) * 0.93;
+        if q < 0.01 {
+            q = 0.01;
+        }
+    }
+    pts.push_str(&format!("{:.1},{:.1}", x(0.99999), y(h.max())));
+    let mut s = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{ht}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="22" font-size="15" text-anchor="middle">{}</text><rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##,
+        w / 2.0,
+        xml_escape(title)
+    );
+    for (i, lbl) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"]
+        .iter()
+        .enumerate()
+    {
+        let xx = l + pw * i as f64 / xmax;
+        s.push_str(&format!(
+            r##"<line x1="{xx:.1}" y1="{t}" x2="{xx:.1}" y2="{}" stroke="#ddd"/><text x="{xx:.1}" y="{}" text-anchor="middle">{lbl}</text>"##,
+            t + ph,
+            t + ph + 18.0
+        ));
+    }
+    let mut e = lo;
+    while e <= hi {
+        let ns = 10f64.powf(e) as u64;
+        let yy = y(ns);
+        let lbl = if ns >= 1_000_000_000 {
+            format!("{}s", ns / 1_000_000_000)
+        } else if ns >= 1_000_000 {
+            format!("{}ms", ns / 1_000_000)
+        } else if ns >= 1000 {
+            format!("{}µs", ns / 1000)
+        } else {
+            format!("{ns}ns")
+        };
+        s.push_str(&format!(
+            r##"<line x1="{l}" y1="{yy:.1}" x2="{}" y2="{yy:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{lbl}</text>"##,
+            l + pw,
+            l - 6.0,
+            yy + 4.0
+        ));
+        e += 1.0;
+    }
+    s.push_str(&format!(
+        r##"<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{pts}"/><text x="{}" y="{}" text-anchor="middle">percentile</text></svg>"##,
+        l + pw / 2.0,
+        ht - 8.0
+    ));
+    std::fs::write(path, s)
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
