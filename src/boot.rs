@@ -173,6 +173,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let (shard_senders, shard_inboxes): (Vec<_>, Vec<_>) =
         (0..shard_count).map(|_| futures_channel::mpsc::unbounded()).unzip();
     let (control_requests_tx, control_requests_rx) = futures_channel::mpsc::unbounded();
+    let loads: Vec<Arc<std::sync::atomic::AtomicUsize>> = (0..shard_count).map(|_| Arc::default()).collect();
 
     let control_config = wm.clone();
     let control_flag = shutdown.clone();
@@ -192,10 +193,11 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         let listener = stream_fds.next();
         let ctx_peers = shard_senders.clone();
         let control_tx = control_requests_tx.clone();
+        let loads = loads.clone();
         let handle = runtime::spawn_pinned(&format!("ringcast-shard-{index}"), *cpu, io_memory, move || async move {
             match (stream_config, listener) {
                 (Some(config), Some(listener)) => {
-                    let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config };
+                    let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config, loads };
                     stream::shard::run(ctx, inbox, listener, flag).await;
                 }
                 _ => {

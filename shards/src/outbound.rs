@@ -4,6 +4,8 @@
 
 use bytes::Bytes;
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::rc::Rc;
@@ -40,11 +42,14 @@ pub enum Batch {
 pub struct OutQueue {
     state: Rc<RefCell<State>>,
     limit: usize,
+    /// Bytes queued on all the connections of this shard, for backpressure (read by peers).
+    shard_total: Arc<AtomicUsize>,
 }
 
 impl OutQueue {
-    pub fn new(limit_bytes: usize) -> Self {
-        OutQueue { state: Rc::default(), limit: limit_bytes }
+    /// A queue bounded at `limit_bytes` that also counts into `shard_total`.
+    pub fn new(limit_bytes: usize, shard_total: Arc<AtomicUsize>) -> Self {
+        OutQueue { state: Rc::default(), limit: limit_bytes, shard_total }
     }
 
     /// Queues a frame unless that would pass the byte bound.
@@ -57,6 +62,7 @@ impl OutQueue {
             return Push::Overflow;
         }
         state.bytes += frame.len();
+        self.shard_total.fetch_add(frame.len(), Ordering::Relaxed);
         state.frames.push_back(frame);
         if let Some(waker) = state.waker.take() {
             waker.wake();
@@ -71,6 +77,7 @@ impl OutQueue {
             return;
         }
         state.frames.clear();
+        self.shard_total.fetch_sub(state.bytes, Ordering::Relaxed);
         state.bytes = 0;
         state.closing = Some(close);
         if let Some(waker) = state.waker.take() {
@@ -92,6 +99,7 @@ impl OutQueue {
         poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
             if !state.frames.is_empty() {
+                self.shard_total.fetch_sub(state.bytes, Ordering::Relaxed);
                 state.bytes = 0;
                 return Poll::Ready(Batch::Frames(state.frames.drain(..).collect()));
             }
@@ -115,7 +123,7 @@ mod tests {
 
     #[test]
     fn batches_take_everything_queued() {
-        let q = OutQueue::new(1024);
+        let q = OutQueue::new(1024, Arc::default());
         assert_eq!(q.push(Bytes::from_static(b"a")), Push::Queued);
         assert_eq!(q.push(Bytes::from_static(b"bc")), Push::Queued);
         assert_eq!(q.queued_bytes(), 3);
@@ -127,15 +135,29 @@ mod tests {
     }
 
     #[test]
+    fn shard_total_counts_every_queue() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let a = OutQueue::new(100, total.clone());
+        let b = OutQueue::new(100, total.clone());
+        a.push(Bytes::from_static(b"12"));
+        b.push(Bytes::from_static(b"345"));
+        assert_eq!(total.load(Ordering::Relaxed), 5);
+        block_on(a.next_batch());
+        assert_eq!(total.load(Ordering::Relaxed), 3);
+        b.close(Bytes::from_static(b"x"));
+        assert_eq!(total.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn byte_bound_reports_overflow_but_always_admits_one_frame() {
-        let q = OutQueue::new(4);
+        let q = OutQueue::new(4, Arc::default());
         assert_eq!(q.push(Bytes::from(vec![0u8; 10])), Push::Queued);
         assert_eq!(q.push(Bytes::from_static(b"x")), Push::Overflow);
     }
 
     #[test]
     fn close_drops_queued_frames_and_refuses_new_ones() {
-        let q = OutQueue::new(100);
+        let q = OutQueue::new(100, Arc::default());
         q.push(Bytes::from_static(b"a"));
         q.close(Bytes::from_static(b"bye"));
         assert_eq!(q.push(Bytes::from_static(b"b")), Push::Closed);

@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +34,9 @@ pub struct ShardContext {
     pub peers: Vec<ShardSender>,
     pub control: ControlSender,
     pub config: StreamConfig,
+    /// Bytes each shard has queued for its subscribers (including frames on their way to it),
+    /// by index: an owner holds back writes while any shard is behind.
+    pub loads: Vec<Arc<AtomicUsize>>,
 }
 
 /// A subscription registered on this shard, receiving the group's frames.
@@ -58,6 +61,8 @@ pub struct Conn {
     pub fd: RawFd,
     pub context: Value,
     pub subs: HashMap<String, SubState>,
+    /// Subscriptions ended by a close, kept for the `stream:leave` triggers at removal.
+    pub ended: Vec<(String, GroupKey, Option<String>)>,
 }
 
 /// The state of one shard core.
@@ -96,6 +101,11 @@ impl Shard {
         }
     }
 
+    /// This shard's count of bytes queued for its subscribers.
+    pub fn load(&self) -> Arc<AtomicUsize> {
+        self.ctx.loads[self.ctx.index].clone()
+    }
+
     pub fn owner_of(&self, key: &GroupKey) -> usize {
         ringcast_shards::routing::owner_shard(&key.0, &key.1, self.ctx.peers.len())
     }
@@ -116,7 +126,10 @@ impl Shard {
             ShardMsg::Join { from_shard, conn, join_id, key, item } => self.join_at_owner(from_shard, conn, join_id, key, item),
             ShardMsg::Leave { from_shard, key } => self.leave_at_owner(from_shard, &key),
             ShardMsg::Synced { conn, join_id, key, frame } => self.activate(conn, join_id, key, frame),
-            ShardMsg::Deliver { key, item, frame } => self.deliver_local(&key, item.as_deref(), &frame),
+            ShardMsg::Deliver { key, item, frame } => {
+                self.deliver_local(&key, item.as_deref(), &frame);
+                self.ctx.loads[self.ctx.index].fetch_sub(frame.len(), Ordering::Relaxed);
+            }
             ShardMsg::Shutdown => {}
         }
     }
@@ -202,6 +215,7 @@ impl Shard {
             if shard == self.ctx.index {
                 deliver_here = true;
             } else {
+                self.ctx.loads[shard].fetch_add(frame.len(), Ordering::Relaxed);
                 let _ = self.ctx.peers[shard].unbounded_send(ShardMsg::Deliver { key: key.clone(), item: item.clone(), frame: frame.clone() });
             }
         }
@@ -264,27 +278,30 @@ impl Shard {
     pub fn add_conn(&mut self, queue: OutQueue, fd: RawFd, context: Value) -> ConnId {
         let id = self.next_conn;
         self.next_conn += 1;
-        self.conns.insert(id, Conn { queue, fd, context, subs: HashMap::new() });
+        self.conns.insert(id, Conn { queue, fd, context, subs: HashMap::new(), ended: Vec::new() });
         id
     }
 
-    /// Removes a connection, ending its subscriptions; returns what they were (for leave triggers).
-    pub fn remove_conn(&mut self, conn: ConnId) -> Vec<(String, GroupKey, Option<String>)> {
-        let ended = self.drop_subscriptions(conn);
-        self.conns.remove(&conn);
-        ended
+    /// Removes a connection, ending its subscriptions; returns its auth context and every
+    /// subscription it held at its end (for the `stream:leave` triggers).
+    pub fn remove_conn(&mut self, conn: ConnId) -> (Value, Vec<(String, GroupKey, Option<String>)>) {
+        self.drop_subscriptions(conn);
+        match self.conns.remove(&conn) {
+            Some(c) => (c.context, c.ended),
+            None => (Value::Null, Vec::new()),
+        }
     }
 
-    fn drop_subscriptions(&mut self, conn: ConnId) -> Vec<(String, GroupKey, Option<String>)> {
-        let Some(c) = self.conns.get_mut(&conn) else { return Vec::new() };
+    /// Ends every subscription of `conn`, remembering them in `Conn::ended`.
+    fn drop_subscriptions(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
         let subs: Vec<(String, SubState)> = c.subs.drain().collect();
-        subs.into_iter()
-            .map(|(id, sub)| {
-                let ended = (id, sub.key.clone(), sub.item.clone());
-                self.end_subscription(conn, sub);
-                ended
-            })
-            .collect()
+        for (id, sub) in subs {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.ended.push((id, sub.key.clone(), sub.item.clone()));
+            }
+            self.end_subscription(conn, sub);
+        }
     }
 
     /// Starts a subscription of `conn`: the owner snapshots the group and registers interest at
@@ -398,6 +415,22 @@ impl Shard {
     }
 }
 
+/// When any shard has more than this many bytes queued for its subscribers, owners stop taking
+/// writes until every shard is below `RESUME_BYTES`: callers then wait for their
+/// acknowledgements (backpressure) instead of the engine buffering without bound.
+const PAUSE_BYTES: usize = 32 << 20;
+const RESUME_BYTES: usize = 16 << 20;
+
+async fn wait_for_writers(loads: &[Arc<AtomicUsize>]) {
+    let over = |limit: usize| loads.iter().any(|l| l.load(Ordering::Relaxed) > limit);
+    if !over(PAUSE_BYTES) {
+        return;
+    }
+    while over(RESUME_BYTES) {
+        glommio::timer::sleep(Duration::from_micros(50)).await;
+    }
+}
+
 /// Runs shard `ctx.index` until `shutdown` is set.
 pub async fn run(
     ctx: ShardContext,
@@ -410,9 +443,13 @@ pub async fn run(
     let shard = Rc::new(RefCell::new(Shard::new(ctx)));
 
     let inbox_shard = shard.clone();
+    let loads = shard.borrow().ctx.loads.clone();
     glommio::spawn_local(async move {
         let mut inbox = inbox;
         while let Some(msg) = inbox.next().await {
+            if matches!(msg, ShardMsg::Store { .. }) {
+                wait_for_writers(&loads).await;
+            }
             inbox_shard.borrow_mut().handle(msg);
         }
     })

@@ -77,7 +77,7 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
         let s = shard.borrow();
         (s.ctx.config.max_queue_bytes, s.ctx.config.max_frame_bytes, s.ctx.config.max_subscriptions_per_connection)
     };
-    let queue = OutQueue::new(queue_limit);
+    let queue = OutQueue::new(queue_limit, shard.borrow().load());
     let conn = shard.borrow_mut().add_conn(queue.clone(), stream.as_raw_fd(), context);
     // glommio sockets cannot be split: the writer gets its own descriptor of the same socket,
     // so a pending read never blocks a write.
@@ -85,7 +85,7 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
         Ok(write_half) => glommio::spawn_local(write_loop(write_half, queue.clone())),
         Err(e) => {
             tracing::warn!(conn, "cannot duplicate subscriber socket: {e}");
-            shard.borrow_mut().remove_conn(conn);
+            let _ = shard.borrow_mut().remove_conn(conn);
             return;
         }
     };
@@ -122,8 +122,7 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
             _ => {}
         }
     }
-    let ended = shard.borrow_mut().remove_conn(conn);
-    let context = Value::Null;
+    let (context, ended) = shard.borrow_mut().remove_conn(conn);
     for (subscription, key, item) in ended {
         fire_leave(&shard, subscription, key, item, context.clone());
     }

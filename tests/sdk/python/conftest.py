@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import json
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -88,8 +89,18 @@ def call_when_registered(worker, function_id: str, payload: Any = None, timeout:
 class Engine:
     """One ringcast engine process."""
 
-    def __init__(self, workdir: Path, port: int | None = None, stream_port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        stream_port: int | None = None,
+        shards: int = 1,
+        stream_config: dict[str, Any] | None = None,
+    ) -> None:
         self.workdir = workdir
+        self.shards = shards
+        # Extra keys for the iii-stream config block, e.g. {"auth_function": "auth::check"}.
+        self.stream_config = dict(stream_config or {})
         self.port = port or free_port()
         self.stream_port = stream_port or free_port()
         while self.stream_port == self.port:
@@ -103,6 +114,11 @@ class Engine:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
+    @property
+    def stream_url(self) -> str:
+        """Subscriber WebSocket of iii-stream."""
+        return f"ws://127.0.0.1:{self.stream_port}"
+
     def config_text(self) -> str:
         return (
             "workers:\n"
@@ -114,6 +130,8 @@ class Engine:
             "    config:\n"
             "      host: 127.0.0.1\n"
             f"      port: {self.stream_port}\n"
+            # JSON scalars are valid YAML.
+            + "".join(f"      {k}: {json.dumps(v)}\n" for k, v in self.stream_config.items())
         )
 
     def start(self) -> "Engine":
@@ -128,7 +146,7 @@ class Engine:
         log = open(log_path, "wb")
         try:
             self.proc = subprocess.Popen(
-                [str(binary), "--config", str(cfg), "--shards", "1"],
+                [str(binary), "--config", str(cfg), "--shards", str(self.shards)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -146,13 +164,16 @@ class Engine:
                 )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    pass
+                with socket.create_connection(("127.0.0.1", self.stream_port), timeout=0.5):
                     return self
             except OSError:
                 pass
             if time.monotonic() >= deadline:
                 self.kill()
                 pytest.fail(
-                    f"engine did not accept TCP connections on {self.port} within {ENGINE_READY_TIMEOUT_S}s\n"
+                    f"engine did not accept TCP connections on {self.port} and {self.stream_port}"
+                    f" within {ENGINE_READY_TIMEOUT_S}s\n"
                     f"--- engine output ---\n{self.output()}",
                     pytrace=False,
                 )
@@ -204,8 +225,14 @@ def engine_factory(request, tmp_path):
     engines: list[Engine] = []
     request.node._ringcast_engines = engines
 
-    def make(port: int | None = None, stream_port: int | None = None, start: bool = True) -> Engine:
-        eng = Engine(tmp_path, port=port, stream_port=stream_port)
+    def make(
+        port: int | None = None,
+        stream_port: int | None = None,
+        start: bool = True,
+        shards: int = 1,
+        stream_config: dict[str, Any] | None = None,
+    ) -> Engine:
+        eng = Engine(tmp_path, port=port, stream_port=stream_port, shards=shards, stream_config=stream_config)
         engines.append(eng)
         if start:
             eng.start()
@@ -216,9 +243,17 @@ def engine_factory(request, tmp_path):
         eng.terminate()
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "engine(**kwargs): options for the test's `engine` fixture (shards=, stream_config=)",
+    )
+
+
 @pytest.fixture
-def engine(engine_factory) -> Engine:
-    return engine_factory()
+def engine(engine_factory, request) -> Engine:
+    marker = request.node.get_closest_marker("engine")
+    return engine_factory(**(marker.kwargs if marker else {}))
 
 
 @pytest.fixture
@@ -339,6 +374,9 @@ def pytest_runtest_makereport(item, call):
             report.sections.append((f"ringcast engine output (port {eng.port})", eng.output() or "<empty>"))
         for wp in getattr(item, "_ringcast_worker_procs", []):
             report.sections.append(("worker process output", "\n".join(wp.transcript) or "<empty>"))
+        for sub in getattr(item, "_ringcast_stream_subs", []):
+            frames = "\n".join(repr(f) for f in sub.frames[-40:])
+            report.sections.append((f"frames received by stream subscriber {sub.label}", frames or "<none>"))
 
 
 def pytest_sessionfinish(session, exitstatus):

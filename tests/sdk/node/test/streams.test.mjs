@@ -357,9 +357,15 @@ test('stream triggers fire with the frame payload; group/item filters; a false c
   await isAllowed.next((p) => p.id === 'skip', 5000, 'the condition to be asked about "skip"');
   const condSkip = isAllowed.calls.find((p) => p.id === 'skip');
   assertFrame(condSkip, { streamName: s, groupId: 'g1', id: 'skip', event: { type: 'create', data: { v: 'skip' } } }, { what: 'condition payload' });
+  // Every expected invocation, awaited one by one (no ordering between events is assumed).
+  await conditional.next((p) => p.id === 'ok' && p.event?.type === 'create');
   await conditional.next((p) => p.id === 'ok' && p.event?.type === 'update');
   await conditional.next((p) => p.id === 'other');
+  await conditional.next((p) => p.event?.type === 'event');
+  await g1.next((p) => p.id === 'skip');
+  await g1.next((p) => p.id === 'ok' && p.event?.type === 'create');
   await g1.next((p) => p.id === 'ok' && p.event?.type === 'update');
+  await item.next((p) => p.event?.type === 'create');
   await item.next((p) => p.event?.type === 'update');
 
   // Settle: one more event every trigger of this stream sees, and whose condition was asked.
@@ -384,31 +390,44 @@ test('stream triggers fire with the frame payload; group/item filters; a false c
 // 4. stream:join / stream:leave, auth
 // ---------------------------------------------------------------------------------------------
 
-test('stream:join/leave payloads with auth context; unauthorized join; leave on disconnect (auth_function)', T, diagnose(ctx(), async () => {
-  const eng = await startEngine({ streamConfig: { auth_function: 'sauth::check' } });
-  engines.push(eng);
-  const A = pool.add(eng.url, 'node-stream-auth');
-  const auth = recorder(A, 'sauth::check', (input) => (
+let engA; // auth_function configured, join/leave triggers registered
+let A;
+let auth;
+let joins;
+let leaves;
+
+async function authEngine() {
+  if (engA) return;
+  engA = await startEngine({ streamConfig: { auth_function: 'sauth::check' } });
+  engines.push(engA);
+  A = pool.add(engA.url, 'node-stream-auth');
+  auth = recorder(A, 'sauth::check', (input) => (
     input?.query_params?.token?.[0] === 'abc' ? { context: { userId: 'u1' } } : { note: 'no context' }
   ));
-  const joins = recorder(A, 'sjoin::on_join', (p) => (p.group_id === 'forbidden' ? { unauthorized: true } : { ok: true }));
-  const leaves = recorder(A, 'sjoin::on_leave');
+  joins = recorder(A, 'sjoin::on_join', (p) => (p.group_id === 'forbidden' ? { unauthorized: true } : { ok: true }));
+  leaves = recorder(A, 'sjoin::on_leave');
   A.registerTrigger({ type: 'stream:join', function_id: 'sjoin::on_join', config: {} });
   A.registerTrigger({ type: 'stream:leave', function_id: 'sjoin::on_leave', config: {} });
   await barrier(A, A);
+}
 
+const U1 = { userId: 'u1' };
+
+test('auth function input; stream:join payload with context; unauthorized join; stream:leave on leave', T, diagnose(ctx(), async () => {
+  await authEngine();
+  const n0 = auth.calls.length;
   // Auth input (§1.2), seen before the upgrade completes.
-  const c1 = await subscriber(eng, 'auth-sub', { path: '/?token=abc', protocols: ['Authorization', 'tok'] });
+  const c1 = await subscriber(engA, 'auth-sub', { path: '/?token=abc', protocols: ['Authorization', 'tok'] });
   assert.equal(c1.ws.protocol, 'Authorization');
-  assert.equal(auth.calls.length, 1, `auth calls: ${JSON.stringify(auth.calls)}`);
-  const input = auth.calls[0];
+  assert.equal(auth.calls.length, n0 + 1, `auth calls: ${JSON.stringify(auth.calls)}`);
+  const input = auth.calls[n0];
   assert.deepEqual(Object.keys(input).sort(), ['addr', 'headers', 'path', 'query_params']);
   assert.equal(input.path, '/');
   assert.deepEqual(input.query_params, { token: ['abc'] });
   assert.match(input.addr, /^127\.0\.0\.1:\d+$/);
   assert.equal(input.headers.upgrade?.toLowerCase(), 'websocket');
   assert.equal(input.headers['sec-websocket-version'], '13');
-  assert.equal(input.headers.host, `127.0.0.1:${eng.streamPort}`);
+  assert.equal(input.headers.host, `127.0.0.1:${engA.streamPort}`);
   // As offered by the client (`ws` joins the protocols with ',').
   assert.match(input.headers['sec-websocket-protocol'] ?? '', /^Authorization,\s*tok$/);
 
@@ -417,21 +436,21 @@ test('stream:join/leave payloads with auth context; unauthorized join; leave on 
   await c1.waitSync(s, 'g');
   assert.deepEqual(
     await joins.next((p) => p.subscription_id === sub1),
-    { subscription_id: sub1, stream_name: s, group_id: 'g', id: null, context: { userId: 'u1' } },
+    { subscription_id: sub1, stream_name: s, group_id: 'g', id: null, context: U1 },
   );
   const sub2 = c1.join(s, 'g', 'i1');
   await c1.waitSync(s, 'g', 'i1');
   assert.deepEqual(
     await joins.next((p) => p.subscription_id === sub2),
-    { subscription_id: sub2, stream_name: s, group_id: 'g', id: 'i1', context: { userId: 'u1' } },
+    { subscription_id: sub2, stream_name: s, group_id: 'g', id: 'i1', context: U1 },
   );
 
   // Rejected join: an `unauthorized` frame, no sync, socket stays open.
   const t0 = Date.now();
-  const sub3 = c1.join(s, 'forbidden');
+  c1.join(s, 'forbidden');
   const unauth = await c1.waitFor((f) => f.event?.type === 'unauthorized', 5000, 'unauthorized frame');
   assertFrame(unauth, { streamName: s, groupId: 'forbidden', id: null, event: { type: 'unauthorized' } }, { notBefore: t0, what: 'unauthorized' });
-  const sub4 = c1.join(s, 'g2');
+  c1.join(s, 'g2');
   await c1.waitSync(s, 'g2');
   assert.deepEqual(c1.frames.filter((f) => f.groupId === 'forbidden' && f.event?.type !== 'unauthorized'), [],
     'no frame other than `unauthorized` may follow a refused join');
@@ -446,20 +465,11 @@ test('stream:join/leave payloads with auth context; unauthorized join; leave on 
   c1.leave(sub1, s, 'g');
   assert.deepEqual(
     await leaves.next((p) => p.subscription_id === sub1),
-    { subscription_id: sub1, stream_name: s, group_id: 'g', id: null, context: { userId: 'u1' } },
+    { subscription_id: sub1, stream_name: s, group_id: 'g', id: null, context: U1 },
   );
 
-  // Disconnect → stream:leave once per remaining subscription (not the refused one).
-  c1.close();
-  const [l2, l4] = await Promise.all([
-    leaves.next((p) => p.subscription_id === sub2, 5000, 'leave of sub2 on disconnect'),
-    leaves.next((p) => p.subscription_id === sub4, 5000, 'leave of sub4 on disconnect'),
-  ]);
-  assert.deepEqual(l2, { subscription_id: sub2, stream_name: s, group_id: 'g', id: 'i1', context: { userId: 'u1' } });
-  assert.deepEqual(l4, { subscription_id: sub4, stream_name: s, group_id: 'g2', id: null, context: { userId: 'u1' } });
-
   // An auth result without `context` → context null.
-  const c2 = await subscriber(eng, 'no-token-sub');
+  const c2 = await subscriber(engA, 'no-token-sub');
   const sub5 = c2.join(s, 'g');
   await c2.waitSync(s, 'g');
   assert.deepEqual(
@@ -467,10 +477,52 @@ test('stream:join/leave payloads with auth context; unauthorized join; leave on 
     { subscription_id: sub5, stream_name: s, group_id: 'g', id: null, context: null },
   );
   c2.leave(sub5, s, 'g');
-  await leaves.next((p) => p.subscription_id === sub5);
-  assert.deepEqual(leaves.calls.filter((p) => p.subscription_id === sub3), [], 'a refused join must not produce a leave');
-  assert.equal(leaves.calls.filter((p) => p.subscription_id === sub1).length, 1, 'sub1 left once');
-  assert.equal(auth.calls.length, 2);
+  assert.deepEqual(
+    await leaves.next((p) => p.subscription_id === sub5),
+    { subscription_id: sub5, stream_name: s, group_id: 'g', id: null, context: null },
+  );
+}));
+
+/** Connect with token abc, make two subscriptions and one refused join; returns their ids. */
+async function subscribedClient(label) {
+  const c = await subscriber(engA, label, { path: '/?token=abc' });
+  const g = `g-${randomUUID().slice(0, 8)}`;
+  const group = c.join('room', g);
+  await c.waitSync('room', g);
+  const item = c.join('room', g, 'i1');
+  await c.waitSync('room', g, 'i1');
+  const refused = c.join('room', 'forbidden');
+  await c.waitFor((f) => f.event?.type === 'unauthorized', 5000, 'unauthorized frame');
+  const left = c.join('room', g, 'i2');
+  await c.waitSync('room', g, 'i2');
+  c.leave(left, 'room', g);
+  await leaves.next((p) => p.subscription_id === left, 5000, 'leave of the explicitly left subscription');
+  return { c, g, group, item, refused, left };
+}
+
+async function assertLeavesOnDisconnect({ g, group, item, refused, left }) {
+  const [lg, li] = await Promise.all([
+    leaves.next((p) => p.subscription_id === group, 5000, `stream:leave of group subscription ${group} on disconnect`),
+    leaves.next((p) => p.subscription_id === item, 5000, `stream:leave of item subscription ${item} on disconnect`),
+  ]);
+  assert.deepEqual(lg, { subscription_id: group, stream_name: 'room', group_id: g, id: null, context: U1 });
+  assert.deepEqual(li, { subscription_id: item, stream_name: 'room', group_id: g, id: 'i1', context: U1 });
+  assert.deepEqual(leaves.calls.filter((p) => p.subscription_id === refused), [], 'a refused join must not produce a leave');
+  assert.equal(leaves.calls.filter((p) => p.subscription_id === left).length, 1, 'a subscription that left must not leave again');
+}
+
+test('stream:leave fires for each remaining subscription on a clean close (close frame)', T, diagnose(ctx(), async () => {
+  await authEngine();
+  const sc = await subscribedClient('clean-close');
+  sc.c.close();
+  await assertLeavesOnDisconnect(sc);
+}));
+
+test('stream:leave fires for each remaining subscription when the TCP connection drops', T, diagnose(ctx(), async () => {
+  await authEngine();
+  const sc = await subscribedClient('tcp-drop');
+  sc.c.terminate();
+  await assertLeavesOnDisconnect(sc);
 }));
 
 test('auth_required: a failing auth function refuses the upgrade with HTTP 401', T, diagnose(ctx(), async () => {
