@@ -6,7 +6,8 @@ use super::messages::{ConnId, ControlRequest, GroupKey};
 use super::shard::Shard;
 use bytes::BytesMut;
 use futures_channel::oneshot;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
 use glommio::net::TcpStream;
 use ringcast_shards::outbound::{Batch, OutQueue};
 use ringcast_shards::wsframe::{self, ClientFrame, FrameError};
@@ -36,7 +37,7 @@ struct Upgrade {
 pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(1024);
     let request = match glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(read_upgrade(&mut stream, &mut buf).await) }).await {
         Ok(Ok(request)) => request,
         Ok(Err(status)) => {
@@ -69,8 +70,12 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
         response.push_str("Sec-WebSocket-Protocol: Authorization\r\n");
     }
     response.push_str("\r\n");
+    drop(request);
     if stream.write_all(response.as_bytes()).await.is_err() {
         return;
+    }
+    if buf.is_empty() {
+        buf = BytesMut::new(); // idle connections keep no read buffer
     }
 
     let (queue_limit, max_frame, max_subs) = {
@@ -79,17 +84,11 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
     };
     let queue = OutQueue::new(queue_limit, shard.borrow().load());
     let conn = shard.borrow_mut().add_conn(queue.clone(), stream.as_raw_fd(), context);
-    // glommio sockets cannot be split: the writer gets its own descriptor of the same socket,
-    // so a pending read never blocks a write.
-    let writer = match duplicate(&stream) {
-        Ok(write_half) => glommio::spawn_local(write_loop(write_half, queue.clone())),
-        Err(e) => {
-            tracing::warn!(conn, "cannot duplicate subscriber socket: {e}");
-            let _ = shard.borrow_mut().remove_conn(conn);
-            return;
-        }
-    };
-    let mut reader = Reader { stream, buf, max_frame, fragments: Vec::new(), fragment_opcode: None };
+    // Reader and writer share the socket; each borrows it only inside a poll, so a pending
+    // read never blocks a write (glommio keeps separate read and write readiness).
+    let socket = Rc::new(RefCell::new(stream));
+    let writer = glommio::spawn_local(write_loop(socket.clone(), queue.clone()));
+    let mut reader = Reader { socket, buf, max_frame, fragments: Vec::new(), fragment_opcode: None };
 
     if let Some((key, item)) = implicit_join {
         join(&shard, conn, uuid::Uuid::new_v4().to_string(), key, item).await;
@@ -276,21 +275,37 @@ async fn respond_error(stream: &mut TcpStream, status: &str) -> std::io::Result<
     stream.write_all(response.as_bytes()).await
 }
 
-/// A second `TcpStream` on the same socket, for the writer.
-fn duplicate(stream: &TcpStream) -> std::io::Result<TcpStream> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: dup(2) of a valid socket fd; the new fd is owned by the returned stream.
-    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+/// A socket shared by a connection's reader and writer.
+type Socket = Rc<RefCell<TcpStream>>;
+
+/// Bytes a subscriber read asks for at a time: clients send only small join/leave frames, and
+/// idle connections should cost little memory.
+const READ_CHUNK: usize = 512;
+
+/// Reads once into the spare end of `buf`; returns how many bytes arrived (0 = end of stream).
+async fn read_some(socket: &Socket, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK, 0);
+    let result = std::future::poll_fn(|cx| Pin::new(&mut *socket.borrow_mut()).poll_read(cx, &mut buf[start..])).await;
+    buf.truncate(start + *result.as_ref().unwrap_or(&0));
+    result
+}
+
+/// Writes all of `data`.
+async fn write_all(socket: &Socket, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let n = std::future::poll_fn(|cx| Pin::new(&mut *socket.borrow_mut()).poll_write(cx, data)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
     }
-    // SAFETY: `fd` is a fresh, owned descriptor of a connected TCP socket.
-    Ok(unsafe { TcpStream::from_raw_fd(fd) })
+    Ok(())
 }
 
 /// Reads client frames, reassembling fragmented messages.
 struct Reader {
-    stream: TcpStream,
+    socket: Socket,
     buf: BytesMut,
     max_frame: usize,
     fragments: Vec<u8>,
@@ -321,10 +336,9 @@ impl Reader {
                     _ => return Ok(Some(frame)),
                 }
             }
-            let mut chunk = [0u8; 16 << 10];
-            match self.stream.read(&mut chunk).await {
+            match read_some(&self.socket, &mut self.buf).await {
                 Ok(0) | Err(_) => return Ok(None),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
             }
         }
     }
@@ -332,22 +346,23 @@ impl Reader {
 
 /// Writes the queue to the socket: one frame as is, several copied into one buffer and written
 /// with one call (glommio 0.9 has no vectored send).
-async fn write_loop(mut socket: TcpStream, queue: OutQueue) {
+async fn write_loop(socket: Socket, queue: OutQueue) {
     let mut scratch: Vec<u8> = Vec::new();
     loop {
         let (written, last) = match queue.next_batch().await {
-            Batch::Frames(frames) if frames.len() == 1 => (socket.write_all(&frames[0]).await, false),
+            Batch::Frames(frames) if frames.len() == 1 => (write_all(&socket, &frames[0]).await, false),
             Batch::Frames(frames) => {
                 scratch.clear();
                 for frame in &frames {
                     scratch.extend_from_slice(frame);
                 }
-                (socket.write_all(&scratch).await, false)
+                (write_all(&socket, &scratch).await, false)
             }
-            Batch::Close(frame) => (socket.write_all(&frame).await, true),
+            Batch::Close(frame) => (write_all(&socket, &frame).await, true),
         };
         if written.is_err() || last {
-            let _ = socket.close().await;
+            // SAFETY: shutdown(2) on this connection's socket, still open; the reader then ends.
+            unsafe { libc::shutdown(socket.borrow().as_raw_fd(), libc::SHUT_RDWR) };
             return;
         }
     }
