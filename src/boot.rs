@@ -173,15 +173,25 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let (shard_senders, shard_inboxes): (Vec<_>, Vec<_>) =
         (0..shard_count).map(|_| futures_channel::mpsc::unbounded()).unzip();
     let (control_requests_tx, control_requests_rx) = futures_channel::mpsc::unbounded();
-    let loads: Vec<Arc<std::sync::atomic::AtomicUsize>> = (0..shard_count).map(|_| Arc::default()).collect();
+    let metrics = crate::metrics::Metrics::new(shard_count);
+    if let Some(addr) = &config.metrics {
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => {
+                tracing::info!("metrics on http://{addr}/metrics");
+                crate::metrics::serve(listener, metrics.clone());
+            }
+            Err(e) => tracing::warn!("metrics endpoint {addr} not available ({e}); running without it (set `metrics:` in the config)"),
+        }
+    }
 
     let control_config = wm.clone();
     let control_flag = shutdown.clone();
+    let control_metrics = metrics.clone();
     let streams = config.stream.clone().map(|stream_config| {
         (StreamService { shards: shard_senders.clone(), config: stream_config }, control_requests_rx)
     });
     let control = runtime::spawn_pinned("ringcast-control", plan.control_cpu, io_memory, move || {
-        control::run(worker_fd, control_config, streams, control_flag)
+        control::run(worker_fd, control_config, streams, control_metrics, control_flag)
     })
     .map_err(StartError)?;
 
@@ -193,11 +203,11 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         let listener = stream_fds.next();
         let ctx_peers = shard_senders.clone();
         let control_tx = control_requests_tx.clone();
-        let loads = loads.clone();
+        let metrics = metrics.clone();
         let handle = runtime::spawn_pinned(&format!("ringcast-shard-{index}"), *cpu, io_memory, move || async move {
             match (stream_config, listener) {
                 (Some(config), Some(listener)) => {
-                    let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config, loads };
+                    let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config, metrics };
                     stream::shard::run(ctx, inbox, listener, flag).await;
                 }
                 _ => {

@@ -43,7 +43,12 @@ pub struct EngineConfig {
     pub stream: Option<StreamConfig>,
     /// iii workers listed in the file that ringcast does not implement.
     pub unsupported_workers: Vec<String>,
+    /// Address of the `/metrics` and `/healthz` endpoint; `None` = off (`metrics: false`).
+    pub metrics: Option<String>,
 }
+
+/// Where `/metrics` is served unless the config says otherwise.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 /// `iii-worker-manager`: the worker protocol listener.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -193,6 +198,9 @@ struct RawFile {
     #[serde(default)]
     #[allow(dead_code)]
     registration_namespace_grace_ms: Option<u64>,
+    /// ringcast's own: `false`, or the `host:port` of the metrics endpoint.
+    #[serde(default)]
+    metrics: Option<serde_yaml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -256,10 +264,21 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
             other => unsupported_workers.push(other.to_string()),
         }
     }
+    let metrics = match raw.metrics {
+        None | Some(serde_yaml::Value::Bool(true)) => Some(DEFAULT_METRICS_ADDR.to_string()),
+        Some(serde_yaml::Value::Bool(false)) => None,
+        Some(serde_yaml::Value::String(addr)) => Some(addr),
+        Some(other) => {
+            return Err(ConfigError(format!(
+                "{origin}: metrics must be false or \"host:port\", not {other:?}"
+            )))
+        }
+    };
     Ok(EngineConfig {
         worker_manager: worker_manager.unwrap_or_default(),
         stream,
         unsupported_workers,
+        metrics,
     })
 }
 
@@ -401,6 +420,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.worker_manager.port, 1234);
+    }
+
+    #[test]
+    fn metrics_default_on_and_can_be_turned_off_or_moved() {
+        assert_eq!(parse("workers: []\n", "t").unwrap().metrics.as_deref(), Some(DEFAULT_METRICS_ADDR));
+        assert_eq!(parse("metrics: false\n", "t").unwrap().metrics, None);
+        assert_eq!(parse("metrics: 127.0.0.1:9999\n", "t").unwrap().metrics.as_deref(), Some("127.0.0.1:9999"));
+        assert!(parse("metrics: 5\n", "t").is_err());
     }
 
     #[test]

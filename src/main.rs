@@ -4,6 +4,7 @@ mod boot;
 mod cli;
 mod config;
 mod control;
+mod metrics;
 mod stream;
 
 use clap::Parser;

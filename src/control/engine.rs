@@ -17,6 +17,7 @@ use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
@@ -115,6 +116,7 @@ pub struct Engine {
     pub functions_changed_scheduled: bool,
     pub shutting_down: bool,
     pub next_binding_seq: u64,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// The stream module, when `iii-stream` is configured.
     pub streams: Option<Rc<crate::stream::StreamService>>,
     /// Lets handlers spawn tasks that come back to the engine.
@@ -126,7 +128,11 @@ pub fn now_ms() -> u64 {
 }
 
 impl Engine {
-    pub fn new(config: WorkerManagerConfig, streams: Option<crate::stream::StreamService>) -> Rc<RefCell<Engine>> {
+    pub fn new(
+        config: WorkerManagerConfig,
+        streams: Option<crate::stream::StreamService>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Rc<RefCell<Engine>> {
         let engine = Rc::new(RefCell::new(Engine {
             config,
             conns: HashMap::new(),
@@ -141,6 +147,7 @@ impl Engine {
             functions_changed_scheduled: false,
             shutting_down: false,
             next_binding_seq: 0,
+            metrics,
             streams: streams.map(Rc::new),
             self_ref: Weak::new(),
         }));
@@ -183,6 +190,7 @@ impl Engine {
         tracing::info!(worker_id = %worker_id, ip = %conn.ip_address, "worker connected");
         self.conns.insert(id, conn);
         self.conn_by_worker_id.insert(worker_id.clone(), id);
+        self.metrics.control.workers_connected.store(self.conns.len() as u64, Relaxed);
         self.fire_workers_available("worker_connected", &worker_id);
         id
     }
@@ -281,6 +289,7 @@ impl Engine {
     pub fn disconnect(&mut self, conn: ConnId) {
         let Some(c) = self.conns.remove(&conn) else { return };
         self.conn_by_worker_id.remove(&c.worker_id);
+        self.metrics.control.workers_connected.store(self.conns.len() as u64, Relaxed);
         let mut functions_removed = false;
         for (ns, id) in &c.functions {
             if matches!(self.functions.get(ns, id), Some(f) if f.handler == Handler::Worker(conn)) {
@@ -310,11 +319,17 @@ impl Engine {
         for (ns, id) in &c.trigger_types {
             self.remove_trigger_type(conn, ns, id);
         }
+        self.note_pending();
         tracing::info!(worker_id = %c.worker_id, name = %c.display_name(), "worker disconnected");
         if functions_removed {
             self.functions_changed();
         }
         self.fire_workers_available("worker_disconnected", &c.worker_id);
+    }
+
+    /// Publishes the number of pending invocations to the metrics.
+    pub fn note_pending(&self) {
+        self.metrics.control.invocations_in_flight.store(self.pending.len() as u64, Relaxed);
     }
 
     /// Answers every waiting caller with an error and closes every socket with "going away".

@@ -195,6 +195,8 @@ impl Engine {
             self.deadlines.push_back((Instant::now() + Duration::from_millis(timeout_ms), id));
         }
         self.pending.insert(id, Pending { owner, reply });
+        self.metrics.control.invocations_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.note_pending();
     }
 
     /// An `invocationresult` from the worker that ran a function.
@@ -205,6 +207,7 @@ impl Engine {
         };
         // Unknown ids (caller gone, halted, bogus) are dropped without noise.
         let Some(pending) = self.pending.remove(&id) else { return };
+        self.note_pending();
         if let Some(owner) = self.conns.get_mut(&pending.owner) {
             owner.owner_inflight.remove(&id);
         }
@@ -330,6 +333,7 @@ impl Engine {
             }
             self.deadlines.pop_front();
             if let Some(pending) = self.pending.remove(&id) {
+                self.note_pending();
                 if let Some(owner) = self.conns.get_mut(&pending.owner) {
                     owner.owner_inflight.remove(&id);
                 }

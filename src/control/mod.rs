@@ -32,6 +32,7 @@ pub async fn run(
     listener: OwnedFd,
     config: WorkerManagerConfig,
     streams: Option<(crate::stream::StreamService, ShardRequests)>,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: Arc<AtomicBool>,
 ) {
     let listener_fd = listener.as_raw_fd();
@@ -42,7 +43,7 @@ pub async fn run(
         Some((service, requests)) => (Some(service), Some(requests)),
         None => (None, None),
     };
-    let engine = Engine::new(config, service);
+    let engine = Engine::new(config, service, metrics);
     if let Some(requests) = requests {
         glommio::spawn_local(crate::stream::functions::serve_shard_requests(engine.clone(), requests)).detach();
     }

@@ -34,9 +34,16 @@ pub struct ShardContext {
     pub peers: Vec<ShardSender>,
     pub control: ControlSender,
     pub config: StreamConfig,
-    /// Bytes each shard has queued for its subscribers (including frames on their way to it),
-    /// by index: an owner holds back writes while any shard is behind.
-    pub loads: Vec<Arc<AtomicUsize>>,
+    /// Counters; `metrics.queued_bytes[i]` is the bytes shard `i` has queued for its
+    /// subscribers (frames on their way to it included): owners hold back writes while any
+    /// shard is behind.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl ShardContext {
+    fn counters(&self) -> &crate::metrics::ShardMetrics {
+        &self.metrics.shards[self.index]
+    }
 }
 
 /// A subscription registered on this shard, receiving the group's frames.
@@ -76,7 +83,6 @@ pub struct Shard {
     pub conns: HashMap<ConnId, Conn>,
     next_conn: ConnId,
     next_join: u64,
-    pub slow_closes: u64,
 }
 
 fn storage_error(code: &str, message: impl Into<String>) -> Result<Option<Value>, (String, String)> {
@@ -97,13 +103,12 @@ impl Shard {
             conns: HashMap::new(),
             next_conn: 1,
             next_join: 1,
-            slow_closes: 0,
         }
     }
 
     /// This shard's count of bytes queued for its subscribers.
     pub fn load(&self) -> Arc<AtomicUsize> {
-        self.ctx.loads[self.ctx.index].clone()
+        self.ctx.metrics.queued_bytes[self.ctx.index].clone()
     }
 
     pub fn owner_of(&self, key: &GroupKey) -> usize {
@@ -128,7 +133,7 @@ impl Shard {
             ShardMsg::Synced { conn, join_id, key, frame } => self.activate(conn, join_id, key, frame),
             ShardMsg::Deliver { key, item, frame } => {
                 self.deliver_local(&key, item.as_deref(), &frame);
-                self.ctx.loads[self.ctx.index].fetch_sub(frame.len(), Ordering::Relaxed);
+                self.ctx.metrics.queued_bytes[self.ctx.index].fetch_sub(frame.len(), Ordering::Relaxed);
             }
             ShardMsg::Shutdown => {}
         }
@@ -147,6 +152,7 @@ impl Shard {
                 } else {
                     match self.store.set(stream, group, &item, text.clone()) {
                         Ok(old) => {
+                            self.account_store(text.len(), old.as_ref().map_or(0, |o| o.len()));
                             let kind = if old.is_some() { EventKind::Update } else { EventKind::Create };
                             event = Some((Some(item.clone()), frames::data_event(stream, group, Some(&item), kind.as_str(), &text)));
                             Ok(Some(json!({ "old_value": old.as_ref().map(parse_stored), "new_value": data })))
@@ -159,6 +165,7 @@ impl Shard {
             StoreOp::Delete { item } => match self.store.delete(stream, group, &item) {
                 Ok(old) => {
                     if let Some(old) = &old {
+                        self.account_store(0, old.len());
                         event = Some((Some(item.clone()), frames::data_event(stream, group, Some(&item), "delete", old)));
                     }
                     Ok(Some(json!({ "old_value": old.as_ref().map(parse_stored) })))
@@ -179,6 +186,7 @@ impl Shard {
                 } else {
                     match self.store.set(stream, group, &item, text.clone()) {
                         Ok(_) => {
+                            self.account_store(text.len(), old.as_ref().map_or(0, |o| o.len()));
                             let kind = if old.is_some() { EventKind::Update } else { EventKind::Create };
                             event = Some((Some(item.clone()), frames::data_event(stream, group, Some(&item), kind.as_str(), &text)));
                             let mut result = json!({ "old_value": old_value, "new_value": new_value });
@@ -206,8 +214,15 @@ impl Shard {
         StoreReply { result, event }
     }
 
+    fn account_store(&self, added: usize, removed: usize) {
+        let bytes = &self.ctx.counters().store_bytes;
+        bytes.fetch_add(added as u64, Ordering::Relaxed);
+        bytes.fetch_sub(removed as u64, Ordering::Relaxed);
+    }
+
     /// Builds the event's frame once and hands it to every shard with subscribers of the group.
     fn publish(&mut self, key: &GroupKey, item: Option<String>, text: &[u8]) -> Bytes {
+        self.ctx.counters().events_total.fetch_add(1, Ordering::Relaxed);
         let frame = text_frame(text);
         let Some(shards) = self.interest.get(key) else { return frame };
         let mut deliver_here = false;
@@ -215,7 +230,7 @@ impl Shard {
             if shard == self.ctx.index {
                 deliver_here = true;
             } else {
-                self.ctx.loads[shard].fetch_add(frame.len(), Ordering::Relaxed);
+                self.ctx.metrics.queued_bytes[shard].fetch_add(frame.len(), Ordering::Relaxed);
                 let _ = self.ctx.peers[shard].unbounded_send(ShardMsg::Deliver { key: key.clone(), item: item.clone(), frame: frame.clone() });
             }
         }
@@ -229,16 +244,20 @@ impl Shard {
     fn deliver_local(&mut self, key: &GroupKey, item: Option<&str>, frame: &Bytes) {
         let Some(subs) = self.local.get(key) else { return };
         let mut slow = Vec::new();
+        let mut delivered = 0;
         for sub in subs {
             if sub.item.is_some() && sub.item.as_deref() != item {
                 continue;
             }
             if let Some(conn) = self.conns.get(&sub.conn) {
-                if conn.queue.push(frame.clone()) == Push::Overflow {
-                    slow.push(sub.conn);
+                match conn.queue.push(frame.clone()) {
+                    Push::Queued => delivered += 1,
+                    Push::Overflow => slow.push(sub.conn),
+                    Push::Closed => {}
                 }
             }
         }
+        self.ctx.counters().deliveries_total.fetch_add(delivered, Ordering::Relaxed);
         for conn in slow {
             self.close_slow(conn);
         }
@@ -250,7 +269,7 @@ impl Shard {
         if c.queue.is_closing() {
             return;
         }
-        self.slow_closes += 1;
+        self.ctx.counters().slow_subscriber_closes_total.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(shard = self.ctx.index, conn, queued_bytes = c.queue.queued_bytes(), "closing slow subscriber (4008): its outbound queue passed max_queue_bytes");
         self.close_conn(conn, CLOSE_SLOW.0, CLOSE_SLOW.1);
     }
@@ -279,6 +298,7 @@ impl Shard {
         let id = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(id, Conn { queue, fd, context, subs: HashMap::new(), ended: Vec::new() });
+        self.ctx.counters().subscribers.store(self.conns.len() as u64, Ordering::Relaxed);
         id
     }
 
@@ -286,7 +306,9 @@ impl Shard {
     /// subscription it held at its end (for the `stream:leave` triggers).
     pub fn remove_conn(&mut self, conn: ConnId) -> (Value, Vec<(String, GroupKey, Option<String>)>) {
         self.drop_subscriptions(conn);
-        match self.conns.remove(&conn) {
+        let removed = self.conns.remove(&conn);
+        self.ctx.counters().subscribers.store(self.conns.len() as u64, Ordering::Relaxed);
+        match removed {
             Some(c) => (c.context, c.ended),
             None => (Value::Null, Vec::new()),
         }
@@ -337,6 +359,7 @@ impl Shard {
         if !sub.active {
             return;
         }
+        self.ctx.counters().subscriptions.fetch_sub(1, Ordering::Relaxed);
         if let Some(subs) = self.local.get_mut(&sub.key) {
             subs.retain(|s| !(s.conn == conn && s.join_id == sub.join_id));
             if subs.is_empty() {
@@ -400,6 +423,7 @@ impl Shard {
         };
         sub.active = true;
         let item = sub.item.clone();
+        self.ctx.counters().subscriptions.fetch_add(1, Ordering::Relaxed);
         self.local.entry(key).or_default().push(LocalSub { conn, join_id, item });
         if self.conns[&conn].queue.push(frame) == Push::Overflow {
             self.close_slow(conn);
@@ -443,7 +467,7 @@ pub async fn run(
     let shard = Rc::new(RefCell::new(Shard::new(ctx)));
 
     let inbox_shard = shard.clone();
-    let loads = shard.borrow().ctx.loads.clone();
+    let loads = shard.borrow().ctx.metrics.queued_bytes.clone();
     glommio::spawn_local(async move {
         let mut inbox = inbox;
         while let Some(msg) = inbox.next().await {

@@ -51,10 +51,15 @@ impl Engine {
     /// Starts an engine; `worker_extra` and `stream_extra` are YAML lines added to the
     /// `iii-worker-manager` and `iii-stream` config blocks (indented by the caller with 6 spaces).
     pub fn start_with(worker_extra: &str, stream_extra: &str, args: &[&str]) -> Engine {
+        Engine::start_full("metrics: false\n", worker_extra, stream_extra, args)
+    }
+
+    /// Like `start_with`, with `top_extra` YAML lines at the top level of the config.
+    pub fn start_full(top_extra: &str, worker_extra: &str, stream_extra: &str, args: &[&str]) -> Engine {
         let (worker_port, stream_port) = (free_port(), free_port());
         let dir = scratch_dir();
         let config = format!(
-            "workers:\n  - name: iii-worker-manager\n    config:\n      host: 127.0.0.1\n      port: {worker_port}\n{worker_extra}  - name: iii-stream\n    config:\n      host: 127.0.0.1\n      port: {stream_port}\n{stream_extra}"
+            "{top_extra}workers:\n  - name: iii-worker-manager\n    config:\n      host: 127.0.0.1\n      port: {worker_port}\n{worker_extra}  - name: iii-stream\n    config:\n      host: 127.0.0.1\n      port: {stream_port}\n{stream_extra}"
         );
         let path = dir.join("config.yaml");
         std::fs::write(&path, config).unwrap();
