@@ -9,6 +9,7 @@ cargo build --release --workspace --all-targets
 
 echo "== Rust unit and integration tests =="
 cargo test --release --workspace
+cargo bench --no-run --workspace
 
 export RINGCAST_BIN="$PWD/target/release/ringcast"
 
