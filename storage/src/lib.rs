@@ -4,6 +4,7 @@
 //! Items are kept as their JSON text (`Json`), so snapshots, `list` results and subscriber
 //! frames splice stored values in verbatim instead of re-serialising them.
 
+pub mod file;
 pub mod memory;
 pub mod update_ops;
 

@@ -1,0 +1,461 @@
+//! The file store (`store_method: file_based`): one shard's items in a Bitcask-style log.
+//!
+//! Every `set` and `delete` appends a checksummed record (see `record`) to the active segment
+//! file, written through a memory map; an in-memory index (see `index`) points at the latest
+//! record of each live item, and values are read straight from the mapped segments. When the
+//! active segment is full it is synced, sealed and a new one started. `open` rebuilds the index
+//! by scanning the segments (see `recovery`), `compact_step` rewrites the live records of
+//! mostly-dead sealed segments and deletes them (see `compaction`), `repair` salvages a damaged
+//! directory. The store never syncs on its own behalf for a write: the caller decides with a
+//! [`FlushHandle`] (see `sync`).
+
+mod compaction;
+mod index;
+mod record;
+mod recovery;
+mod repair;
+mod segment;
+mod sync;
+
+#[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::{Json, KvStore, StoreError};
+
+pub use compaction::CompactProgress;
+pub use repair::{repair, RepairReport};
+pub use sync::FlushHandle;
+
+use index::{Entry, Index, Loc, Tomb};
+use record::Kind;
+use segment::Segment;
+
+/// Tuning of a [`FileStore`]; any values open any existing directory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FileOptions {
+    /// Size of a new segment file. A record larger than this gets a segment of its own size.
+    pub segment_size: u64,
+    /// A sealed segment is compacted once more than this fraction of its bytes is dead.
+    pub compaction_threshold: f64,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            segment_size: 64 << 20,
+            compaction_threshold: 0.5,
+        }
+    }
+}
+
+/// Byte counts of a store, for metrics and for deciding on compaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Bytes of records still needed: the latest `set` of each live item, needed tombstones.
+    pub live_bytes: u64,
+    /// Bytes of superseded records, waiting for compaction.
+    pub dead_bytes: u64,
+    pub segments: usize,
+    /// Length of all segment files (the active one is allocated in full).
+    pub disk_bytes: u64,
+}
+
+/// Why a store directory cannot be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    Io {
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// A damaged record that a crash cannot explain; `ringcast repair` salvages the rest.
+    Corrupt {
+        file: PathBuf,
+        offset: u64,
+    },
+}
+
+impl OpenError {
+    fn io(path: &Path) -> impl FnOnce(io::Error) -> OpenError + '_ {
+        move |source| OpenError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Io { path, source } => {
+                write!(f, "cannot open file store {}: {source}", path.display())
+            }
+            OpenError::Corrupt { file, offset } => {
+                let dir = file.parent().unwrap_or(Path::new("."));
+                write!(
+                    f,
+                    "corrupt record in {} at byte offset {offset}; run `ringcast repair {}` to salvage the intact records",
+                    file.display(),
+                    dir.display()
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for OpenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            OpenError::Io { source, .. } => Some(source),
+            OpenError::Corrupt { .. } => None,
+        }
+    }
+}
+
+/// A [`KvStore`] in a directory of memory-mapped, append-only segment files; one per shard.
+pub struct FileStore {
+    dir: PathBuf,
+    options: FileOptions,
+    segments: BTreeMap<u32, Segment>,
+    /// Id of the segment being written (always the highest).
+    active: u32,
+    index: Index,
+    /// `seq` of the next item to enter a group.
+    next_seq: u64,
+    sync: Arc<sync::Shared>,
+    compaction: Option<compaction::Cursor>,
+    /// Reused buffer for records that compaction copies.
+    scratch: Vec<u8>,
+    /// Held while open: one store per directory.
+    _lock: fs::File,
+}
+
+impl fmt::Debug for FileStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileStore")
+            .field("dir", &self.dir)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl FileStore {
+    /// Opens (creating if needed) the store in `dir`: scans every segment, verifies each
+    /// record, rebuilds the index and cuts off a torn tail of the last segment.
+    pub fn open(dir: &Path, options: FileOptions) -> Result<FileStore, OpenError> {
+        recovery::open(dir, options)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A handle that makes this store's writes durable from another thread.
+    pub fn flush_handle(&self) -> FlushHandle {
+        FlushHandle {
+            shared: self.sync.clone(),
+        }
+    }
+
+    /// Makes every write so far durable, on the owner's thread.
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.sync.sync()
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let mut stats = StoreStats {
+            segments: self.segments.len(),
+            ..StoreStats::default()
+        };
+        for seg in self.segments.values() {
+            stats.live_bytes += seg.usage.live;
+            stats.dead_bytes += seg.usage.dead;
+            stats.disk_bytes += seg.capacity;
+        }
+        stats
+    }
+
+    /// Removes every item whose (stream, group) `keep` rejects, writing delete records, and
+    /// returns them in list order so the caller can insert them into the shard that now owns
+    /// them (after a change of shard count). The caller should make the new copies durable
+    /// before syncing this store; if a crash comes in between, the items are in both places and
+    /// the next drain moves them again. On a write error it stops and returns what it removed;
+    /// the rest stay here for a later call.
+    pub fn drain_foreign(
+        &mut self,
+        keep: impl Fn(&str, &str) -> bool,
+    ) -> Vec<(String, String, String, Json)> {
+        let mut foreign: Vec<(String, String, Vec<String>)> = self
+            .index
+            .groups()
+            .filter(|(stream, group, _)| !keep(stream, group))
+            .map(|(stream, group, items)| {
+                (
+                    stream.to_owned(),
+                    group.to_owned(),
+                    items.keys().cloned().collect(),
+                )
+            })
+            .collect();
+        foreign.sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let mut out = Vec::new();
+        for (stream, group, items) in foreign {
+            for item in items {
+                match self.delete(&stream, &group, &item) {
+                    Ok(Some(value)) => out.push((stream.clone(), group.clone(), item, value)),
+                    Ok(None) => {}
+                    Err(_) => return out,
+                }
+            }
+        }
+        out
+    }
+
+    fn io_error(&self, err: io::Error) -> StoreError {
+        StoreError(format!("file store {}: {err}", self.dir.display()))
+    }
+
+    /// The value of the record at `loc`, copied out of the map.
+    fn read(&self, loc: Loc) -> Json {
+        let seg = &self.segments[&loc.seg];
+        let bytes = &seg.bytes()[loc.value_range()];
+        // Always valid UTF-8: written from a `&str` or verified by the scan at open.
+        Json::from(String::from_utf8_lossy(bytes).as_ref())
+    }
+
+    fn add_live(&mut self, loc: Loc) {
+        self.segments
+            .get_mut(&loc.seg)
+            .expect("record in a known segment")
+            .usage
+            .live += u64::from(loc.len);
+    }
+
+    fn add_dead(&mut self, loc: Loc) {
+        self.segments
+            .get_mut(&loc.seg)
+            .expect("record in a known segment")
+            .usage
+            .dead += u64::from(loc.len);
+    }
+
+    /// A record that was live is now superseded.
+    fn kill(&mut self, loc: Loc) {
+        let usage = &mut self
+            .segments
+            .get_mut(&loc.seg)
+            .expect("record in a known segment")
+            .usage;
+        usage.live -= u64::from(loc.len);
+        usage.dead += u64::from(loc.len);
+    }
+
+    /// Whether a tombstone still hides a `set` in some older segment (and tightens its range).
+    fn tomb_needed(segments: &BTreeMap<u32, Segment>, tomb: &mut Tomb) -> bool {
+        match segments.range(tomb.oldest..tomb.loc.seg).next() {
+            Some((&id, _)) => {
+                tomb.oldest = id;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Re-checks every tombstone after a segment went away.
+    fn prune_tombs(&mut self) {
+        let segments = &self.segments;
+        let dropped = self.index.prune_tombs(|tomb| Self::tomb_needed(segments, tomb));
+        for loc in dropped {
+            self.kill(loc);
+        }
+    }
+
+    /// Appends a record; nothing changes if it fails.
+    fn append(
+        &mut self,
+        kind: Kind,
+        seq: u64,
+        stream: &str,
+        group: &str,
+        item: &str,
+        value: &str,
+    ) -> Result<Loc, StoreError> {
+        let len = record::encoded_len(stream.len(), group.len(), item.len(), value.len())
+            .map_err(|e| StoreError(e.0))?;
+        self.make_room(len)?;
+        let seg = self.segments.get_mut(&self.active).expect("active segment");
+        let offset = seg.append(len, |dst| {
+            record::encode_into(dst, kind, seq, stream, group, item, value)
+        });
+        self.sync.note_write();
+        Ok(Loc {
+            seg: self.active,
+            offset,
+            len: len as u32,
+            value_len: value.len() as u32,
+        })
+    }
+
+    /// Appends an already encoded record (compaction copies them verbatim, `seq` included).
+    fn append_raw(&mut self, raw: &[u8], value_len: usize) -> Result<Loc, StoreError> {
+        self.make_room(raw.len())?;
+        let seg = self.segments.get_mut(&self.active).expect("active segment");
+        let offset = seg.append(raw.len(), |dst| dst.copy_from_slice(raw));
+        self.sync.note_write();
+        Ok(Loc {
+            seg: self.active,
+            offset,
+            len: raw.len() as u32,
+            value_len: value_len as u32,
+        })
+    }
+
+    fn make_room(&mut self, len: usize) -> Result<(), StoreError> {
+        if self.segments[&self.active].room() < len as u64 {
+            self.roll(len).map_err(|err| self.io_error(err))?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new active segment big enough for `needed` bytes.
+    ///
+    /// The old one is synced first, before its successor exists: recovery may then treat any
+    /// damage in a segment that is not the last as corruption rather than as a torn write.
+    /// If this fails, the old segment stays active and the store unchanged.
+    fn roll(&mut self, needed: usize) -> io::Result<()> {
+        let old_id = self.active;
+        let old = &self.segments[&old_id];
+        if old.len > 0 {
+            old.file.sync_data()?;
+        }
+        let new_id = old_id
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other("segment ids exhausted"))?;
+        let capacity = self.options.segment_size.max(needed as u64);
+        let new = Segment::create(&self.dir, new_id, capacity)?;
+        self.sync.set_active(new.file.clone());
+        self.segments.insert(new_id, new);
+        self.active = new_id;
+        let old = self.segments.get_mut(&old_id).expect("old active segment");
+        if old.len == 0 {
+            // Too small for its first record: holds nothing, so it can simply go.
+            let path = old.path.clone();
+            self.segments.remove(&old_id);
+            let _ = fs::remove_file(path);
+        } else {
+            old.seal();
+        }
+        Ok(())
+    }
+
+    /// Stores an item recovered by `repair` with its original `seq` (it must be absent).
+    fn restore(
+        &mut self,
+        stream: &str,
+        group: &str,
+        item: &str,
+        value: &str,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        debug_assert!(self.index.get(stream, group, item).is_none());
+        let loc = self.append(Kind::Set, seq, stream, group, item, value)?;
+        self.add_live(loc);
+        self.index.insert(
+            stream,
+            group,
+            item,
+            Entry {
+                loc,
+                seq,
+                oldest: loc.seg,
+            },
+        );
+        self.next_seq = self.next_seq.max(seq + 1);
+        Ok(())
+    }
+}
+
+impl KvStore for FileStore {
+    fn get(&self, stream: &str, group: &str, item: &str) -> Option<Json> {
+        self.index.get(stream, group, item).map(|e| self.read(e.loc))
+    }
+
+    fn set(
+        &mut self,
+        stream: &str,
+        group: &str,
+        item: &str,
+        value: Json,
+    ) -> Result<Option<Json>, StoreError> {
+        let existing = self.index.get(stream, group, item).copied();
+        let seq = existing.map_or(self.next_seq, |e| e.seq);
+        let loc = self.append(Kind::Set, seq, stream, group, item, &value)?;
+        self.add_live(loc);
+        match existing {
+            Some(old) => {
+                let previous = self.read(old.loc);
+                self.index.get_mut(stream, group, item).expect("present").loc = loc;
+                self.kill(old.loc);
+                Ok(Some(previous))
+            }
+            None => {
+                self.next_seq += 1;
+                // Re-inserted after a delete: its old records are now hidden by this one.
+                let oldest = match self.index.take_tomb(stream, group, item) {
+                    Some(tomb) => {
+                        self.kill(tomb.loc);
+                        tomb.oldest
+                    }
+                    None => loc.seg,
+                };
+                self.index.insert(stream, group, item, Entry { loc, seq, oldest });
+                Ok(None)
+            }
+        }
+    }
+
+    fn delete(&mut self, stream: &str, group: &str, item: &str) -> Result<Option<Json>, StoreError> {
+        let Some(old) = self.index.get(stream, group, item).copied() else {
+            return Ok(None);
+        };
+        let loc = self.append(Kind::Delete, 0, stream, group, item, "")?;
+        let previous = self.read(old.loc);
+        self.index.remove(stream, group, item);
+        self.kill(old.loc);
+        let mut tomb = Tomb {
+            loc,
+            oldest: old.oldest,
+        };
+        if Self::tomb_needed(&self.segments, &mut tomb) {
+            self.add_live(loc);
+            self.index.put_tomb(stream, group, item, tomb);
+        } else {
+            // Every older record of the item is in this same segment and goes with it.
+            self.add_dead(loc);
+        }
+        Ok(Some(previous))
+    }
+
+    fn list(&self, stream: &str, group: &str) -> Vec<Json> {
+        self.index
+            .group(stream, group)
+            .map(|items| items.values().map(|e| self.read(e.loc)).collect())
+            .unwrap_or_default()
+    }
+
+    fn list_groups(&self, stream: &str) -> Vec<String> {
+        self.index.list_groups(stream)
+    }
+
+    fn list_streams(&self) -> Vec<(String, Vec<String>)> {
+        self.index.list_streams()
+    }
+}

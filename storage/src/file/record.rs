@@ -1,0 +1,315 @@
+//! The on-disk record: one `set` or `delete` of one item, self-describing and checksummed, so a
+//! scan can tell a whole record from a torn or damaged one without any other file.
+//!
+//! Layout (little endian), `HEADER_LEN` = 24 bytes of header, then the payload:
+//!
+//! ```text
+//! 0      magic    u8   0xA5 = format version 1; 0 = no record here (end of the log)
+//! 1      kind     u8   1 = set, 2 = delete (never 0, so a one-bit flip cannot zero bytes 0..2)
+//! 2..4   stream   u16  byte length of the stream name
+//! 4..6   group    u16  byte length of the group id
+//! 6..8   item     u16  byte length of the item id
+//! 8..12  value    u32  byte length of the value (0 for a delete)
+//! 12..20 seq      u64  the item's position in its group (kept by overwrites and compaction)
+//! 20..24 crc      u32  crc32 of bytes 0..20 and of the payload
+//! 24..   stream, group, item, value (UTF-8)
+//! ```
+
+use std::fmt;
+
+/// Format version 1. Two or more bits set, so no single bit flip turns it into `0` (end).
+pub const MAGIC: u8 = 0xA5;
+pub const HEADER_LEN: usize = 24;
+/// Longest stream name, group id or item id: their lengths are `u16`.
+pub const MAX_NAME_LEN: usize = u16::MAX as usize;
+/// Longest whole record: offsets and lengths in the index are `u32`.
+pub const MAX_RECORD_LEN: usize = u32::MAX as usize;
+
+/// What a record does to its item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Set = 1,
+    Delete = 2,
+}
+
+impl Kind {
+    fn from_byte(b: u8) -> Option<Kind> {
+        match b {
+            1 => Some(Kind::Set),
+            2 => Some(Kind::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// A record that passed every check, borrowing the mapped bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub kind: Kind,
+    pub seq: u64,
+    pub stream: &'a str,
+    pub group: &'a str,
+    pub item: &'a str,
+    pub value: &'a str,
+    /// Bytes the whole record takes, header included.
+    pub len: usize,
+}
+
+/// The result of reading at an offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    Record(RecordRef<'a>),
+    /// The magic byte is 0: nothing was written here (or a write here was lost).
+    End,
+    /// Bytes that are not a whole, intact record.
+    Invalid,
+}
+
+/// Why a record cannot be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatError(pub String);
+
+impl fmt::Display for FormatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Bytes a record of these field lengths takes, or why the format cannot hold it.
+pub fn encoded_len(stream: usize, group: usize, item: usize, value: usize) -> Result<usize, FormatError> {
+    for (what, len) in [("stream name", stream), ("group id", group), ("item id", item)] {
+        if len > MAX_NAME_LEN {
+            return Err(FormatError(format!(
+                "{what} is {len} bytes, longer than the file store's limit of {MAX_NAME_LEN} bytes"
+            )));
+        }
+    }
+    let total = (HEADER_LEN + stream + group + item).checked_add(value);
+    match total {
+        Some(total) if total <= MAX_RECORD_LEN => Ok(total),
+        _ => Err(FormatError(format!(
+            "value is {value} bytes, more than the file store's record limit of {MAX_RECORD_LEN} bytes"
+        ))),
+    }
+}
+
+/// Writes a record into `dst`, which must be exactly `encoded_len(..)` bytes long.
+pub fn encode_into(dst: &mut [u8], kind: Kind, seq: u64, stream: &str, group: &str, item: &str, value: &str) {
+    debug_assert_eq!(
+        Ok(dst.len()),
+        encoded_len(stream.len(), group.len(), item.len(), value.len())
+    );
+    let (header, payload) = dst.split_at_mut(HEADER_LEN);
+    header[0] = MAGIC;
+    header[1] = kind as u8;
+    header[2..4].copy_from_slice(&(stream.len() as u16).to_le_bytes());
+    header[4..6].copy_from_slice(&(group.len() as u16).to_le_bytes());
+    header[6..8].copy_from_slice(&(item.len() as u16).to_le_bytes());
+    header[8..12].copy_from_slice(&(value.len() as u32).to_le_bytes());
+    header[12..20].copy_from_slice(&seq.to_le_bytes());
+    let mut at = 0;
+    for part in [stream, group, item, value] {
+        payload[at..at + part.len()].copy_from_slice(part.as_bytes());
+        at += part.len();
+    }
+    let crc = checksum(&header[..20], payload);
+    header[20..24].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// An encoded record in a fresh buffer.
+#[cfg(test)]
+pub fn encode(
+    kind: Kind,
+    seq: u64,
+    stream: &str,
+    group: &str,
+    item: &str,
+    value: &str,
+) -> Result<Vec<u8>, FormatError> {
+    let len = encoded_len(stream.len(), group.len(), item.len(), value.len())?;
+    let mut buf = vec![0; len];
+    encode_into(&mut buf, kind, seq, stream, group, item, value);
+    Ok(buf)
+}
+
+fn checksum(header: &[u8], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(header);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+struct Lengths {
+    stream: usize,
+    group: usize,
+    item: usize,
+    value: usize,
+}
+
+impl Lengths {
+    fn read(header: &[u8]) -> Lengths {
+        let u16_at = |i: usize| u16::from_le_bytes([header[i], header[i + 1]]) as usize;
+        Lengths {
+            stream: u16_at(2),
+            group: u16_at(4),
+            item: u16_at(6),
+            value: u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) as usize,
+        }
+    }
+
+    fn total(&self) -> usize {
+        HEADER_LEN + self.stream + self.group + self.item + self.value
+    }
+}
+
+/// Reads the record that starts at `buf[0]` (`buf` runs to the end of the segment).
+pub fn decode(buf: &[u8]) -> Decoded<'_> {
+    match buf.first() {
+        None | Some(0) => return Decoded::End,
+        Some(&MAGIC) => {}
+        Some(_) => return Decoded::Invalid,
+    }
+    if buf.len() < HEADER_LEN {
+        return Decoded::Invalid;
+    }
+    let header = &buf[..HEADER_LEN];
+    let Some(kind) = Kind::from_byte(header[1]) else {
+        return Decoded::Invalid;
+    };
+    let lens = Lengths::read(header);
+    let total = lens.total();
+    if total > buf.len() || (kind == Kind::Delete && lens.value != 0) {
+        return Decoded::Invalid;
+    }
+    let payload = &buf[HEADER_LEN..total];
+    let crc = u32::from_le_bytes(header[20..24].try_into().expect("4 bytes"));
+    if checksum(&header[..20], payload) != crc {
+        return Decoded::Invalid;
+    }
+    let (stream, rest) = payload.split_at(lens.stream);
+    let (group, rest) = rest.split_at(lens.group);
+    let (item, value) = rest.split_at(lens.item);
+    let (Ok(stream), Ok(group), Ok(item), Ok(value)) = (
+        std::str::from_utf8(stream),
+        std::str::from_utf8(group),
+        std::str::from_utf8(item),
+        std::str::from_utf8(value),
+    ) else {
+        return Decoded::Invalid;
+    };
+    Decoded::Record(RecordRef {
+        kind,
+        seq: u64::from_le_bytes(header[12..20].try_into().expect("8 bytes")),
+        stream,
+        group,
+        item,
+        value,
+        len: total,
+    })
+}
+
+/// How many bytes the (possibly damaged) record at `buf[0]` says it spans, for telling a torn
+/// write from damage: the full length when the header is readable, else the header, or the two
+/// bytes (magic, kind) that a readable header must start with.
+pub fn claimed_len(buf: &[u8]) -> usize {
+    let magic_ok = matches!(buf.first(), Some(&MAGIC) | Some(0));
+    if !magic_ok {
+        return 1;
+    }
+    if buf.len() < HEADER_LEN || buf[0] == 0 {
+        return HEADER_LEN;
+    }
+    if Kind::from_byte(buf[1]).is_none() {
+        return 2;
+    }
+    Lengths::read(&buf[..HEADER_LEN]).total()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_round_trips() {
+        let buf = encode(Kind::Set, 42, "s", "grp", "itém", r#"{"a":1}"#).unwrap();
+        assert_eq!(buf.len(), HEADER_LEN + 1 + 3 + 5 + 7);
+        let Decoded::Record(rec) = decode(&buf) else {
+            panic!("not decoded")
+        };
+        assert_eq!(
+            rec,
+            RecordRef {
+                kind: Kind::Set,
+                seq: 42,
+                stream: "s",
+                group: "grp",
+                item: "itém",
+                value: r#"{"a":1}"#,
+                len: buf.len()
+            }
+        );
+    }
+
+    #[test]
+    fn delete_round_trips_and_trailing_bytes_are_ignored() {
+        let mut buf = encode(Kind::Delete, 0, "", "g", "i", "").unwrap();
+        let len = buf.len();
+        buf.extend_from_slice(&[0; 10]);
+        let Decoded::Record(rec) = decode(&buf) else {
+            panic!("not decoded")
+        };
+        assert_eq!(
+            (rec.kind, rec.stream, rec.group, rec.item, rec.value, rec.len),
+            (Kind::Delete, "", "g", "i", "", len)
+        );
+        assert_eq!(decode(&buf[len..]), Decoded::End);
+        assert_eq!(decode(&[]), Decoded::End);
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let buf = encode(Kind::Set, 7, "stream", "group", "item", r#"[1,"two",{"x":null}]"#).unwrap();
+        for byte in 0..buf.len() {
+            for bit in 0..8 {
+                let mut damaged = buf.clone();
+                damaged[byte] ^= 1 << bit;
+                assert!(
+                    !matches!(decode(&damaged), Decoded::Record(_)),
+                    "flip of bit {bit} in byte {byte} went unnoticed"
+                );
+                // A single flip never makes a record look like the end of the log.
+                assert_ne!(decode(&damaged), Decoded::End, "byte {byte} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_detected() {
+        let buf = encode(Kind::Set, 1, "s", "g", "i", "\"value\"").unwrap();
+        for cut in 1..buf.len() {
+            assert_eq!(decode(&buf[..cut]), Decoded::Invalid, "cut at {cut}");
+            assert!(claimed_len(&buf[..cut]) > cut);
+        }
+    }
+
+    #[test]
+    fn lengths_beyond_the_format_are_refused() {
+        assert!(encoded_len(MAX_NAME_LEN, MAX_NAME_LEN, MAX_NAME_LEN, 10).is_ok());
+        let err = encoded_len(0, MAX_NAME_LEN + 1, 0, 0).unwrap_err();
+        assert!(err.0.contains("group id"), "{err}");
+        assert!(encoded_len(0, 0, 0, MAX_RECORD_LEN - HEADER_LEN).is_ok());
+        let err = encoded_len(0, 0, 0, MAX_RECORD_LEN - HEADER_LEN + 1).unwrap_err();
+        assert!(err.0.contains("record limit"), "{err}");
+        assert!(encoded_len(1, 1, 1, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn a_delete_with_a_value_is_invalid() {
+        let mut buf = encode(Kind::Set, 1, "s", "g", "i", "1").unwrap();
+        buf[1] = Kind::Delete as u8;
+        // Fix the checksum so only the kind/value mismatch is left.
+        let crc = checksum(&buf[..20], &buf[HEADER_LEN..]);
+        buf[20..24].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode(&buf), Decoded::Invalid);
+    }
+}
