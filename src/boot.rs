@@ -48,6 +48,29 @@ pub fn check_config(path: &Path) -> i32 {
     }
 }
 
+/// `ringcast repair DIR`.
+pub fn repair(dir: &Path) -> i32 {
+    match ringcast_storage::file::repair(dir) {
+        Ok(report) => {
+            println!(
+                "{}: {} segment(s) scanned, {} intact record(s) salvaged, {} damaged range(s) ({} bytes) skipped, {} item(s) kept; damaged segments moved to {}",
+                dir.display(),
+                report.segments_scanned,
+                report.records_salvaged,
+                report.corrupt_ranges,
+                report.corrupt_bytes,
+                report.items_kept,
+                report.damaged_dir.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: cannot repair {}: {e}", dir.display());
+            EXIT_START_FAILED
+        }
+    }
+}
+
 /// The config in force: `--config`, else `./config.yaml`, else the embedded default.
 fn load_config(cli: &Cli) -> Result<EngineConfig, StartError> {
     if let Some(path) = &cli.config {
@@ -106,29 +129,6 @@ fn bind(host: &str, port: u16, what: &str, reuse_port: bool) -> Result<(OwnedFd,
     Ok((socket.into(), local))
 }
 
-/// Only the `kv` adapter with `store_method: in_memory` exists in this build.
-fn check_adapter(stream: &config::StreamConfig) -> Result<(), StartError> {
-    let Some(adapter) = &stream.adapter else { return Ok(()) };
-    if adapter.name != "kv" {
-        return Err(StartError(format!(
-            "iii-stream: adapter {:?} is not available in this build of ringcast (available: kv)",
-            adapter.name
-        )));
-    }
-    let method = adapter
-        .config
-        .as_ref()
-        .and_then(|c| c.get("store_method"))
-        .and_then(|m| m.as_str())
-        .unwrap_or("in_memory");
-    if method != "in_memory" {
-        return Err(StartError(format!(
-            "iii-stream: store_method {method:?} is not available in this build of ringcast (available: in_memory)"
-        )));
-    }
-    Ok(())
-}
-
 /// `ringcast [--config PATH]`: runs the engine until SIGINT/SIGTERM.
 pub fn run(cli: &Cli) -> i32 {
     match start(cli) {
@@ -155,7 +155,13 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let mut stream_fds = Vec::new();
     let mut stream_addr = None;
     if let Some(stream) = &config.stream {
-        check_adapter(stream)?;
+        let kv = stream.kv()?;
+        if kv.save_interval_ms.is_some() || kv.channel_size.is_some() {
+            tracing::info!("iii-stream: save_interval_ms and channel_size are accepted and ignored (ringcast writes through; see `durability`)");
+        }
+        if kv.store_method == config::StoreMethod::FileBased {
+            crate::stream::store::prepare(&kv, plan.shard_cpus.len()).map_err(StartError)?;
+        }
         for _ in &plan.shard_cpus {
             let (fd, addr) = bind(&stream.host, stream.port, "iii-stream", true)?;
             stream_fds.push(fd);
@@ -226,7 +232,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         }
     }
     if let Some(addr) = stream_addr {
-        tracing::info!("streams: subscribers on ws://{addr}/ served by {shard_count} shard(s), in-memory store");
+        tracing::info!("streams: subscribers on ws://{addr}/ served by {shard_count} shard(s)");
     }
     tracing::info!(
         control_cpu = plan.control_cpu,

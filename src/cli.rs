@@ -37,4 +37,10 @@ pub enum Command {
         /// The config file to check.
         path: PathBuf,
     },
+    /// Salvage every intact record of a damaged file-store shard directory (e.g.
+    /// ./data/stream_store/shard-0) into fresh segments; damaged segments are kept aside.
+    Repair {
+        /// The shard directory to repair.
+        dir: PathBuf,
+    },
 }

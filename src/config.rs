@@ -137,6 +137,92 @@ impl Default for StreamConfig {
     }
 }
 
+/// How a `kv` store acknowledges writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// fsync before acknowledging each write.
+    Always,
+    /// Group commit: writes arriving together share one fdatasync; none is acknowledged (or
+    /// published to subscribers) before it.
+    #[default]
+    Batch,
+    /// Acknowledge at once; a crash can lose recent writes.
+    None,
+}
+
+/// Where the `kv` adapter keeps items.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreMethod {
+    #[default]
+    InMemory,
+    FileBased,
+}
+
+/// `adapter: {name: kv, config: …}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvConfig {
+    #[serde(default)]
+    pub store_method: StoreMethod,
+    /// Directory of the file store (one subdirectory per shard).
+    #[serde(default = "default_file_path")]
+    pub file_path: String,
+    /// Reference settings of its periodic flush; ringcast writes through, so they do nothing.
+    #[serde(default)]
+    pub save_interval_ms: Option<u64>,
+    #[serde(default)]
+    pub channel_size: Option<u64>,
+    #[serde(default)]
+    pub durability: Durability,
+    /// Longest a write waits for its group commit to start.
+    #[serde(default = "default_batch_max_delay_us")]
+    pub batch_max_delay_us: u64,
+    #[serde(default = "default_segment_size")]
+    pub segment_size: u64,
+    /// Dead fraction of a sealed segment above which compaction rewrites it.
+    #[serde(default = "default_compaction_threshold")]
+    pub compaction_threshold: f64,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("all kv settings have defaults")
+    }
+}
+
+fn default_file_path() -> String {
+    "kv_store_data.db".into()
+}
+fn default_batch_max_delay_us() -> u64 {
+    1_000
+}
+fn default_segment_size() -> u64 {
+    64 << 20
+}
+fn default_compaction_threshold() -> f64 {
+    0.5
+}
+
+impl StreamConfig {
+    /// The `kv` adapter settings (defaults when no adapter is configured).
+    pub fn kv(&self) -> Result<KvConfig, ConfigError> {
+        let Some(adapter) = &self.adapter else { return Ok(KvConfig::default()) };
+        if adapter.name != "kv" {
+            return Err(ConfigError(format!(
+                "iii-stream: adapter {:?} is not available in this build of ringcast (available: kv)",
+                adapter.name
+            )));
+        }
+        match &adapter.config {
+            None | Some(serde_yaml::Value::Null) => Ok(KvConfig::default()),
+            Some(config) => serde_yaml::from_value(config.clone())
+                .map_err(|e| ConfigError(format!("iii-stream: adapter kv: {e}"))),
+        }
+    }
+}
+
 /// `adapter: {name, config}` of the stream module.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -259,7 +345,9 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
                 worker_manager = Some(typed_section(config, &worker.name, origin)?);
             }
             "iii-stream" => {
-                stream = Some(typed_section(config, &worker.name, origin)?);
+                let parsed: StreamConfig = typed_section(config, &worker.name, origin)?;
+                parsed.kv().map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+                stream = Some(parsed);
             }
             other => unsupported_workers.push(other.to_string()),
         }
@@ -428,6 +516,17 @@ mod tests {
         assert_eq!(parse("metrics: false\n", "t").unwrap().metrics, None);
         assert_eq!(parse("metrics: 127.0.0.1:9999\n", "t").unwrap().metrics.as_deref(), Some("127.0.0.1:9999"));
         assert!(parse("metrics: 5\n", "t").is_err());
+    }
+
+    #[test]
+    fn kv_adapter_settings_are_checked_at_parse_time() {
+        let text = "workers:\n  - name: iii-stream\n    config:\n      adapter:\n        name: kv\n        config: {store_method: file_based, file_path: /tmp/x, durability: always, save_interval_ms: 5000}\n";
+        let kv = parse(text, "t").unwrap().stream.unwrap().kv().unwrap();
+        assert_eq!((kv.store_method, kv.durability), (StoreMethod::FileBased, Durability::Always));
+        assert!(parse(&text.replace("always", "sometimes"), "t").is_err());
+        assert!(parse(&text.replace("name: kv", "name: redis"), "t").unwrap_err().0.contains("not available"));
+        let defaults = StreamConfig::default().kv().unwrap();
+        assert_eq!((defaults.store_method, defaults.durability, defaults.batch_max_delay_us), (StoreMethod::InMemory, Durability::Batch, 1000));
     }
 
     #[test]

@@ -11,6 +11,7 @@ fn main() {
     boot::init_logging();
     let code = match cli.command {
         Some(cli::Command::CheckConfig { path }) => boot::check_config(&path),
+        Some(cli::Command::Repair { dir }) => boot::repair(&dir),
         None => boot::run(&cli),
     };
     std::process::exit(code);

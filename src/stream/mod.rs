@@ -5,6 +5,7 @@ pub mod frames;
 pub mod functions;
 pub mod messages;
 pub mod shard;
+pub mod store;
 mod subscriber;
 
 use crate::config::StreamConfig;

@@ -10,7 +10,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use ringcast_shards::outbound::{OutQueue, Push};
 use ringcast_shards::wsframe::{close_frame, text_frame};
-use ringcast_storage::memory::MemoryStore;
+use super::store::{ShardStore, Syncer};
+use crate::config::Durability;
+use futures_channel::oneshot;
 use ringcast_storage::update_ops;
 use ringcast_storage::{Json, KvStore};
 use serde_json::{json, Value};
@@ -75,7 +77,18 @@ pub struct Conn {
 /// The state of one shard core.
 pub struct Shard {
     pub ctx: ShardContext,
-    store: MemoryStore,
+    store: ShardStore,
+    /// How writes are acknowledged (file store only; in memory is always immediate).
+    durability: Durability,
+    /// Group commit: fdatasync off the shard thread.
+    syncer: Option<Rc<Syncer>>,
+    /// Writes applied but not yet durable: their replies and events wait for the commit.
+    uncommitted: Vec<(GroupKey, Applied, oneshot::Sender<StoreReply>)>,
+    /// A commit task is running.
+    committing: bool,
+    /// Joins that must see only committed data; served when no commit is outstanding.
+    deferred_joins: Vec<(usize, ConnId, u64, GroupKey, Option<String>)>,
+    self_ref: std::rc::Weak<RefCell<Shard>>,
     /// Owner side: per owned group, how many subscriptions each shard holds.
     interest: HashMap<GroupKey, HashMap<usize, usize>>,
     /// Subscriber side: subscriptions of this shard's connections, per group.
@@ -93,11 +106,30 @@ fn parse_stored(json: &Json) -> Value {
     serde_json::from_str(json).unwrap_or(Value::Null)
 }
 
+/// The outcome of a storage operation, before it is made durable and published.
+pub struct Applied {
+    result: Result<Option<Value>, (String, String)>,
+    /// `(item, frame text)` of the event it produced.
+    event: Option<(Option<String>, String)>,
+    /// Whether it wrote to the store (and so needs a commit).
+    wrote: bool,
+}
+
 impl Shard {
-    pub fn new(ctx: ShardContext) -> Self {
+    pub fn new(ctx: ShardContext, store: ShardStore, durability: Durability) -> Self {
+        let syncer = match durability {
+            Durability::Batch => store.flush_handle().map(|h| Rc::new(Syncer::start(h, ctx.index))),
+            _ => None,
+        };
         Shard {
             ctx,
-            store: MemoryStore::new(),
+            store,
+            durability,
+            syncer,
+            uncommitted: Vec::new(),
+            committing: false,
+            deferred_joins: Vec::new(),
+            self_ref: std::rc::Weak::new(),
             interest: HashMap::new(),
             local: HashMap::new(),
             conns: HashMap::new(),
@@ -119,8 +151,8 @@ impl Shard {
     pub fn handle(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Store { key, op, reply } => {
-                let reply_value = self.store_op(&key, op);
-                let _ = reply.send(reply_value);
+                let applied = self.store_op(&key, op);
+                self.acknowledge(key, applied, reply);
             }
             ShardMsg::ListGroups { stream, reply } => {
                 let _ = reply.send(self.store.list_groups(&stream));
@@ -140,10 +172,14 @@ impl Shard {
     }
 
     /// Runs a storage operation on an owned group and publishes its event.
-    fn store_op(&mut self, key: &GroupKey, op: StoreOp) -> StoreReply {
+    fn store_op(&mut self, key: &GroupKey, op: StoreOp) -> Applied {
         let (stream, group) = (key.0.as_str(), key.1.as_str());
         let max_value = self.ctx.config.max_value_bytes;
         let mut event: Option<(Option<String>, String)> = None;
+        let kind_of_op = match &op {
+            StoreOp::Send { .. } | StoreOp::Emit { .. } => OpKind::Ephemeral,
+            _ => OpKind::Stored,
+        };
         let result = match op {
             StoreOp::Set { item, data } => {
                 let text: Json = serde_json::to_string(&data).expect("values serialise").into();
@@ -210,8 +246,91 @@ impl Shard {
                 Ok(None)
             }
         };
-        let event = event.map(|(item, text)| self.publish(key, item, text.as_bytes()));
-        StoreReply { result, event }
+        let wrote = result.is_ok() && event.is_some() && !matches!(kind_of_op, OpKind::Ephemeral);
+        Applied { result, event, wrote }
+    }
+
+    /// Answers a storage operation once it is as durable as configured, publishing its event
+    /// at the same moment: subscribers never see a write a crash could take back.
+    fn acknowledge(&mut self, key: GroupKey, mut applied: Applied, reply: oneshot::Sender<StoreReply>) {
+        if applied.wrote && self.durability == Durability::Always {
+            if let Err(e) = self.store.sync() {
+                applied = not_durable(applied, &e);
+            }
+        }
+        if applied.wrote && self.syncer.is_some() {
+            self.uncommitted.push((key, applied, reply));
+            self.schedule_commit();
+            return;
+        }
+        self.finish(key, applied, reply);
+    }
+
+    fn finish(&mut self, key: GroupKey, applied: Applied, reply: oneshot::Sender<StoreReply>) {
+        let event = match (&applied.result, applied.event) {
+            (Ok(_), Some((item, text))) => Some(self.publish(&key, item, text.as_bytes())),
+            _ => None,
+        };
+        let _ = reply.send(StoreReply { result: applied.result, event });
+    }
+
+    /// Group commit: every write applied by the time the commit starts shares its fdatasync.
+    fn schedule_commit(&mut self) {
+        if self.committing {
+            return;
+        }
+        self.committing = true;
+        let shard = self.self_ref.clone();
+        let gather_limit = Duration::from_micros(self.ctx.config.kv().map(|kv| kv.batch_max_delay_us).unwrap_or(0));
+        crate::control::engine::spawn_deferred(async move {
+            // Let the writes already in the inbox join this commit: keep yielding while more
+            // arrive, for at most `batch_max_delay_us`.
+            let started = std::time::Instant::now();
+            loop {
+                let before = shard.upgrade().map_or(0, |s| s.borrow().uncommitted.len());
+                futures_lite::future::yield_now().await;
+                let after = shard.upgrade().map_or(0, |s| s.borrow().uncommitted.len());
+                if after == before || started.elapsed() >= gather_limit {
+                    break;
+                }
+            }
+            loop {
+                let Some(this) = shard.upgrade() else { return };
+                let (batch, syncer) = {
+                    let mut s = this.borrow_mut();
+                    (std::mem::take(&mut s.uncommitted), s.syncer.clone())
+                };
+                if batch.is_empty() {
+                    let mut s = this.borrow_mut();
+                    s.committing = false;
+                    s.serve_deferred_joins();
+                    return;
+                }
+                let outcome = match syncer {
+                    Some(syncer) => syncer.sync().await,
+                    None => Ok(()),
+                };
+                let mut s = this.borrow_mut();
+                for (key, applied, reply) in batch {
+                    let applied = match &outcome {
+                        Ok(()) => applied,
+                        Err(e) => not_durable(applied, e),
+                    };
+                    s.finish(key, applied, reply);
+                }
+            }
+        });
+    }
+
+    /// Whether joins must wait (a commit is outstanding).
+    pub fn joins_waiting(&self) -> bool {
+        !self.deferred_joins.is_empty()
+    }
+
+    fn serve_deferred_joins(&mut self) {
+        for (from_shard, conn, join_id, key, item) in std::mem::take(&mut self.deferred_joins) {
+            self.join_at_owner(from_shard, conn, join_id, key, item);
+        }
     }
 
     fn account_store(&self, added: usize, removed: usize) {
@@ -379,6 +498,11 @@ impl Shard {
     }
 
     fn join_at_owner(&mut self, from_shard: usize, conn: ConnId, join_id: u64, key: GroupKey, item: Option<String>) {
+        if self.committing {
+            // The snapshot must not hold writes whose events are still waiting for the disk.
+            self.deferred_joins.push((from_shard, conn, join_id, key, item));
+            return;
+        }
         *self.interest.entry(key.clone()).or_default().entry(from_shard).or_default() += 1;
         let text = match &item {
             Some(id) => {
@@ -455,6 +579,21 @@ async fn wait_for_writers(loads: &[Arc<AtomicUsize>]) {
     }
 }
 
+/// Whether an operation stores data (and so must be committed) or only publishes.
+enum OpKind {
+    Stored,
+    Ephemeral,
+}
+
+/// A write whose commit failed: the caller gets an error and subscribers no event.
+fn not_durable(applied: Applied, error: &std::io::Error) -> Applied {
+    Applied {
+        result: Err(("STREAM_STORE_ERROR".to_string(), format!("the write could not be made durable: {error}"))),
+        event: None,
+        wrote: applied.wrote,
+    }
+}
+
 /// Runs shard `ctx.index` until `shutdown` is set.
 pub async fn run(
     ctx: ShardContext,
@@ -464,7 +603,22 @@ pub async fn run(
 ) {
     use std::os::fd::{FromRawFd, IntoRawFd};
     let index = ctx.index;
-    let shard = Rc::new(RefCell::new(Shard::new(ctx)));
+    let kv = ctx.config.kv().unwrap_or_default();
+    let store = super::store::open_for_shard(&kv, index);
+    let durability = if super::store::needs_commit(&kv) { kv.durability } else { Durability::None };
+    let shard = Rc::new(RefCell::new(Shard::new(ctx, store, durability)));
+    shard.borrow_mut().self_ref = Rc::downgrade(&shard);
+    if kv.store_method == crate::config::StoreMethod::FileBased {
+        let compactor = Rc::downgrade(&shard);
+        glommio::spawn_local(async move {
+            while let Some(shard) = compactor.upgrade() {
+                shard.borrow_mut().store.compact_step();
+                drop(shard);
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .detach();
+    }
 
     let inbox_shard = shard.clone();
     let loads = shard.borrow().ctx.metrics.queued_bytes.clone();
@@ -473,6 +627,10 @@ pub async fn run(
         while let Some(msg) = inbox.next().await {
             if matches!(msg, ShardMsg::Store { .. }) {
                 wait_for_writers(&loads).await;
+                // A waiting join goes first, so writes cannot starve it.
+                while inbox_shard.borrow().joins_waiting() {
+                    glommio::timer::sleep(Duration::from_micros(50)).await;
+                }
             }
             inbox_shard.borrow_mut().handle(msg);
         }

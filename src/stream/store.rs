@@ -1,0 +1,192 @@
+//! The store behind each shard (`kv` adapter: in memory or the file store) and what start-up
+//! does to a file store directory: verify every shard's data and re-home items when the shard
+//! count changed, so nothing is lost or hidden.
+
+use crate::config::{Durability, KvConfig, StoreMethod};
+use futures_channel::oneshot;
+use ringcast_storage::file::{FileOptions, FileStore, FlushHandle};
+use ringcast_storage::memory::MemoryStore;
+use ringcast_storage::{Json, KvStore, StoreError};
+use std::path::{Path, PathBuf};
+
+/// One shard's store.
+pub enum ShardStore {
+    Memory(MemoryStore),
+    File(FileStore),
+}
+
+fn options(kv: &KvConfig) -> FileOptions {
+    FileOptions { segment_size: kv.segment_size, compaction_threshold: kv.compaction_threshold }
+}
+
+fn shard_dir(root: &Path, shard: usize) -> PathBuf {
+    root.join(format!("shard-{shard}"))
+}
+
+impl ShardStore {
+    /// Opens shard `index`'s store as configured.
+    pub fn open(kv: &KvConfig, index: usize) -> Result<ShardStore, String> {
+        match kv.store_method {
+            StoreMethod::InMemory => Ok(ShardStore::Memory(MemoryStore::new())),
+            StoreMethod::FileBased => FileStore::open(&shard_dir(Path::new(&kv.file_path), index), options(kv))
+                .map(ShardStore::File)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn kv(&self) -> &dyn KvStore {
+        match self {
+            ShardStore::Memory(s) => s,
+            ShardStore::File(s) => s,
+        }
+    }
+
+    fn kv_mut(&mut self) -> &mut dyn KvStore {
+        match self {
+            ShardStore::Memory(s) => s,
+            ShardStore::File(s) => s,
+        }
+    }
+
+    /// Makes every write so far durable (a no-op in memory).
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        match self {
+            ShardStore::Memory(_) => Ok(()),
+            ShardStore::File(s) => s.sync(),
+        }
+    }
+
+    /// A handle that syncs from another thread, for group commit.
+    pub fn flush_handle(&self) -> Option<FlushHandle> {
+        match self {
+            ShardStore::Memory(_) => None,
+            ShardStore::File(s) => Some(s.flush_handle()),
+        }
+    }
+
+    /// One bounded slice of background compaction.
+    pub fn compact_step(&mut self) {
+        if let ShardStore::File(s) = self {
+            if let ringcast_storage::file::CompactProgress::Failed(e) = s.compact_step(4 << 20) {
+                tracing::warn!("compaction failed: {e}");
+            }
+        }
+    }
+}
+
+impl KvStore for ShardStore {
+    fn get(&self, stream: &str, group: &str, item: &str) -> Option<Json> {
+        self.kv().get(stream, group, item)
+    }
+    fn set(&mut self, stream: &str, group: &str, item: &str, value: Json) -> Result<Option<Json>, StoreError> {
+        self.kv_mut().set(stream, group, item, value)
+    }
+    fn delete(&mut self, stream: &str, group: &str, item: &str) -> Result<Option<Json>, StoreError> {
+        self.kv_mut().delete(stream, group, item)
+    }
+    fn list(&self, stream: &str, group: &str) -> Vec<Json> {
+        self.kv().list(stream, group)
+    }
+    fn list_groups(&self, stream: &str) -> Vec<String> {
+        self.kv().list_groups(stream)
+    }
+    fn list_streams(&self) -> Vec<(String, Vec<String>)> {
+        self.kv().list_streams()
+    }
+}
+
+/// Shard directories present under `root`, by index.
+fn existing_shards(root: &Path) -> Vec<usize> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Vec::new() };
+    let mut found: Vec<usize> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("shard-")?.parse().ok())
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// Before the shards start: opens (and so verifies) every shard directory and moves items whose
+/// group now belongs to another shard — including everything in directories of shards that no
+/// longer exist — then removes those directories.
+pub fn prepare(kv: &KvConfig, shards: usize) -> Result<(), String> {
+    let root = Path::new(&kv.file_path);
+    std::fs::create_dir_all(root).map_err(|e| format!("iii-stream: cannot create {}: {e}", root.display()))?;
+    let open = |index: usize| {
+        FileStore::open(&shard_dir(root, index), options(kv)).map_err(|e| format!("iii-stream: {e}"))
+    };
+    let mut stores: Vec<FileStore> = (0..shards).map(open).collect::<Result<_, _>>()?;
+    let stale: Vec<usize> = existing_shards(root).into_iter().filter(|&i| i >= shards).collect();
+    let mut moved = 0usize;
+    let mut sources = Vec::new();
+    for index in (0..shards).chain(stale.iter().copied()) {
+        let mut source = if index < shards { None } else { Some(open(index)?) };
+        let store = source.as_mut().unwrap_or_else(|| &mut stores[index]);
+        let foreign = store.drain_foreign(|s, g| index < shards && ringcast_shards::routing::owner_shard(s, g, shards) == index);
+        for (stream, group, item, value) in foreign {
+            let owner = ringcast_shards::routing::owner_shard(&stream, &group, shards);
+            stores[owner].set(&stream, &group, &item, value).map_err(|e| format!("iii-stream: re-homing failed: {e}"))?;
+            moved += 1;
+        }
+        sources.extend(source);
+    }
+    // Targets are made durable before the sources' deletions.
+    for store in stores.iter_mut().chain(sources.iter_mut()) {
+        store.sync().map_err(|e| format!("iii-stream: cannot sync {}: {e}", store.dir().display()))?;
+    }
+    drop(sources);
+    for index in stale {
+        let dir = shard_dir(root, index);
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("iii-stream: cannot remove {}: {e}", dir.display()))?;
+    }
+    if moved > 0 {
+        tracing::info!(moved, shards, "file store: re-homed items for the new shard count");
+    }
+    Ok(())
+}
+
+/// Runs fdatasync off the shard thread: one request at a time, answered on a oneshot.
+pub struct Syncer {
+    requests: std::sync::mpsc::Sender<oneshot::Sender<std::io::Result<()>>>,
+}
+
+impl Syncer {
+    pub fn start(handle: FlushHandle, shard: usize) -> Syncer {
+        let (requests, inbox) = std::sync::mpsc::channel::<oneshot::Sender<std::io::Result<()>>>();
+        let spawned = std::thread::Builder::new().name(format!("ringcast-sync-{shard}")).spawn(move || {
+            for reply in inbox {
+                let _ = reply.send(handle.sync());
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the sync thread of shard {shard}: {e}");
+        }
+        Syncer { requests }
+    }
+
+    /// Makes every write applied so far durable.
+    pub async fn sync(&self) -> std::io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        if self.requests.send(tx).is_err() {
+            return Err(std::io::Error::other("the sync thread is gone"));
+        }
+        rx.await.unwrap_or_else(|_| Err(std::io::Error::other("the sync thread is gone")))
+    }
+}
+
+/// Whether acknowledgements wait for the disk.
+pub fn needs_commit(kv: &KvConfig) -> bool {
+    kv.store_method == StoreMethod::FileBased && kv.durability != Durability::None
+}
+
+/// Opens shard `index`'s store, failing the start with a clear message.
+pub fn open_for_shard(kv: &KvConfig, index: usize) -> ShardStore {
+    match ShardStore::open(kv, index) {
+        Ok(store) => store,
+        Err(e) => {
+            // `prepare` opened this directory moments ago; failing now is an environment fault.
+            tracing::error!("shard {index}: cannot open its store: {e}");
+            std::process::exit(crate::EXIT_START_FAILED);
+        }
+    }
+}
