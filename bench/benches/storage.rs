@@ -2,6 +2,7 @@
 //! values, for each store.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ringcast_storage::file::{FileOptions, FileStore};
 use ringcast_storage::memory::MemoryStore;
 use ringcast_storage::update_ops::{apply, parse_ops};
 use ringcast_storage::{Json, KvStore};
@@ -50,5 +51,52 @@ fn memory(c: &mut Criterion) {
     adapter_benches(c, "in_memory", MemoryStore::new);
 }
 
-criterion_group!(benches, memory);
+/// A fresh file store in a scratch directory.
+fn file_store(tag: &str) -> FileStore {
+    let dir = std::env::temp_dir().join(format!("ringcast-bench-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    FileStore::open(&dir, FileOptions::default()).expect("open a scratch file store")
+}
+
+/// `file_based` with `durability: none`: the write path alone.
+fn file_none(c: &mut Criterion) {
+    let mut n = 0;
+    adapter_benches(c, "file_based_none", || {
+        n += 1;
+        file_store(&format!("none-{n}"))
+    });
+}
+
+/// `durability: always` (fdatasync per set) and `batch` (one fdatasync shared by 64 sets, as
+/// group commit does for 64 concurrent writers).
+fn file_durable(c: &mut Criterion) {
+    for size in [128usize, 4096] {
+        let v = value(size);
+        let mut group = c.benchmark_group(format!("storage/file_based_durable/{size}B"));
+        let mut store = file_store(&format!("always-{size}"));
+        let mut n = 0u64;
+        group.throughput(Throughput::Elements(1));
+        group.bench_function("set_always", |b| {
+            b.iter(|| {
+                n += 1;
+                store.set("bench", "g", &format!("i{}", n % 10_000), v.clone()).unwrap();
+                store.sync().unwrap();
+            })
+        });
+        let mut store = file_store(&format!("batch-{size}"));
+        group.throughput(Throughput::Elements(64));
+        group.bench_function("set_batch_64", |b| {
+            b.iter(|| {
+                for _ in 0..64 {
+                    n += 1;
+                    store.set("bench", "g", &format!("i{}", n % 10_000), v.clone()).unwrap();
+                }
+                store.sync().unwrap();
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, memory, file_none, file_durable);
 criterion_main!(benches);
