@@ -149,6 +149,18 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let io_memory = runtime::io_memory_per_executor(plan.executor_count(), runtime::memlock_limit())
         .map_err(|e| StartError(e.to_string()))?;
 
+    // Metrics first: once the worker port answers, /metrics does too.
+    let metrics = crate::metrics::Metrics::new(plan.shard_cpus.len());
+    if let Some(addr) = &config.metrics {
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => {
+                tracing::info!("metrics on http://{addr}/metrics");
+                crate::metrics::serve(listener, metrics.clone());
+            }
+            Err(e) => tracing::warn!("metrics endpoint {addr} not available ({e}); running without it (set `metrics:` in the config)"),
+        }
+    }
+
     let wm = &config.worker_manager;
     let (worker_fd, worker_addr) = bind(&wm.host, wm.port, "iii-worker-manager", false)?;
     // One SO_REUSEPORT listener per shard on the stream port: the kernel spreads subscribers.
@@ -179,17 +191,6 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let (shard_senders, shard_inboxes): (Vec<_>, Vec<_>) =
         (0..shard_count).map(|_| futures_channel::mpsc::unbounded()).unzip();
     let (control_requests_tx, control_requests_rx) = futures_channel::mpsc::unbounded();
-    let metrics = crate::metrics::Metrics::new(shard_count);
-    if let Some(addr) = &config.metrics {
-        match std::net::TcpListener::bind(addr) {
-            Ok(listener) => {
-                tracing::info!("metrics on http://{addr}/metrics");
-                crate::metrics::serve(listener, metrics.clone());
-            }
-            Err(e) => tracing::warn!("metrics endpoint {addr} not available ({e}); running without it (set `metrics:` in the config)"),
-        }
-    }
-
     let control_config = wm.clone();
     let control_flag = shutdown.clone();
     let control_metrics = metrics.clone();
