@@ -94,9 +94,17 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 
 fn answer(mut stream: std::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
     stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    let mut request = [0u8; 2048];
-    let n = stream.read(&mut request)?;
-    let line = String::from_utf8_lossy(&request[..n]);
+    // Read the whole request head (it may arrive in pieces) before answering and closing.
+    let mut request = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&request);
     let path = line.split_whitespace().nth(1).unwrap_or("/");
     let (status, content_type, body) = match path {
         "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
