@@ -42,8 +42,8 @@ $LT fanout --subscribers 1000 --payload 128 --inflight 64 --duration 5 --server-
 echo -n "fanout 100 sets/s (100k deliveries/s): "
 $LT fanout --subscribers 1000 --payload 128 --rate 100 --duration 5 --server-pid $PID --json 2>/dev/null \
   | field deliveries_per_s loss delivery_latency_p50_us delivery_latency_p99_us
-echo -n "stream::set without subscribers (64 in flight): "
-$LT fanout --subscribers 0 --payload 128 --inflight 64 --duration 5 --json 2>/dev/null | field sets_per_s set_ack_latency_p50_us
+echo -n "stream::set over 64 groups, 1 subscriber (64 in flight): "
+$LT fanout --subscribers 1 --groups 64 --payload 128 --inflight 64 --duration 5 --json 2>/dev/null | field sets_per_s set_ack_latency_p50_us loss
 echo -n "rpc (64 in flight): "
 $LT rpc --inflight 64 --duration 5 --server-pid $PID --json 2>/dev/null | field calls_per_s call_latency_p50_us call_latency_p99_us
 echo -n "rpc (1 in flight): "
@@ -56,5 +56,5 @@ start "      adapter:
         name: kv
         config: {store_method: file_based, file_path: $DIR/store, durability: batch}"
 echo -n "file_based batch: stream::set, 64 writers in flight: "
-$LT fanout --subscribers 0 --payload 128 --inflight 64 --duration 5 --json 2>/dev/null | field sets_per_s set_ack_latency_p50_us set_ack_latency_p99_us
+$LT fanout --subscribers 1 --groups 64 --payload 128 --inflight 64 --duration 5 --json 2>/dev/null | field sets_per_s set_ack_latency_p50_us set_ack_latency_p99_us loss
 stop

@@ -194,9 +194,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let control_config = wm.clone();
     let control_flag = shutdown.clone();
     let control_metrics = metrics.clone();
-    let streams = config.stream.clone().map(|stream_config| {
-        (StreamService { shards: shard_senders.clone(), config: stream_config }, control_requests_rx)
-    });
+    let streams = config.stream.as_ref().map(|_| (StreamService { shards: shard_senders.clone() }, control_requests_rx));
     let control = runtime::spawn_pinned("ringcast-control", plan.control_cpu, io_memory, move || {
         control::run(worker_fd, control_config, streams, control_metrics, control_flag)
     })

@@ -69,8 +69,6 @@ pub enum ShardMsg {
     Synced { conn: ConnId, join_id: u64, key: GroupKey, frame: Bytes },
     /// From the owner: one event frame of `key`, for this shard's subscribers.
     Deliver { key: GroupKey, item: Option<String>, frame: Bytes },
-    /// Stop serving.
-    Shutdown,
 }
 
 /// A request from a shard to the control core (which runs functions on workers).

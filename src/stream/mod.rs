@@ -8,12 +8,9 @@ pub mod shard;
 pub mod store;
 mod subscriber;
 
-use crate::config::StreamConfig;
 use messages::ShardSender;
 
-/// What the control core holds of the stream module: the shards' inboxes and the settings.
+/// What the control core holds of the stream module: the shards' inboxes.
 pub struct StreamService {
     pub shards: Vec<ShardSender>,
-    #[allow(dead_code)]
-    pub config: StreamConfig,
 }

@@ -167,7 +167,6 @@ impl Shard {
                 self.deliver_local(&key, item.as_deref(), &frame);
                 self.ctx.metrics.queued_bytes[self.ctx.index].fetch_sub(frame.len(), Ordering::Relaxed);
             }
-            ShardMsg::Shutdown => {}
         }
     }
 
