@@ -104,6 +104,7 @@ fn handler_errors_pass_through_unchanged() {
     let id = uuid();
     caller.send(json!({"type": "invokefunction", "invocation_id": id, "function_id": "f::boom", "data": {}}));
     let call = owner.recv_type("invokefunction");
+    assert_eq!(call["invocation_id"], id);
     let error = json!({"code": "invocation_failed", "message": "boom", "stacktrace": "Error: boom\n    at x"});
     owner.send(json!({"type": "invocationresult", "invocation_id": id, "function_id": "f::boom", "error": error}));
     let result = caller.recv_type("invocationresult");

@@ -97,6 +97,7 @@ impl Engine {
     }
 }
 
+#[allow(unused_imports)]
 pub use libc::{SIGINT, SIGTERM};
 
 pub fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
