@@ -38,7 +38,7 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut buf = BytesMut::with_capacity(1024);
-    let request = match glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(read_upgrade(&mut stream, &mut buf).await) }).await {
+    let request = match glommio::timer::timeout(HANDSHAKE_TIMEOUT, async { Ok(Box::pin(read_upgrade(&mut stream, &mut buf)).await) }).await {
         Ok(Ok(request)) => request,
         Ok(Err(status)) => {
             let _ = respond_error(&mut stream, status).await;
@@ -58,7 +58,7 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
         let _ = respond_error(&mut stream, "503 Service Unavailable").await;
         return;
     }
-    let Some(context) = authenticate(&shard, &request, &peer).await else {
+    let Some(context) = Box::pin(authenticate(&shard, &request, &peer)).await else {
         let _ = respond_error(&mut stream, "401 Unauthorized").await;
         return;
     };
@@ -91,7 +91,7 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
     let mut reader = Reader { socket, buf, max_frame, fragments: Vec::new(), fragment_opcode: None };
 
     if let Some((key, item)) = implicit_join {
-        join(&shard, conn, uuid::Uuid::new_v4().to_string(), key, item).await;
+        Box::pin(join(&shard, conn, uuid::Uuid::new_v4().to_string(), key, item)).await;
     }
     loop {
         let frame = match reader.next_frame().await {
@@ -109,7 +109,8 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
         };
         match frame.opcode {
             OpCode::Data(Data::Text) | OpCode::Data(Data::Binary) => {
-                handle_message(&shard, conn, &frame.payload, max_subs).await;
+                // Boxed: an idle connection's task then holds only the read loop's state.
+                Box::pin(handle_message(&shard, conn, &frame.payload, max_subs)).await;
             }
             OpCode::Control(Control::Ping) => {
                 let _ = queue.push(wsframe::server_frame(OpCode::Control(Control::Pong), &frame.payload));
@@ -145,10 +146,13 @@ async fn read_upgrade(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Upgr
         if buf.len() >= MAX_REQUEST_BYTES {
             return Err("431 Request Header Fields Too Large");
         }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
+        let start = buf.len();
+        buf.resize(start + 1024, 0);
+        let read = stream.read(&mut buf[start..]).await;
+        buf.truncate(start + *read.as_ref().unwrap_or(&0));
+        match read {
             Ok(0) | Err(_) => return Err("400 Bad Request"),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
         }
     }
 }
