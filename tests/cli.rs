@@ -100,3 +100,16 @@ fn config_yaml_in_the_working_directory_is_used_by_default() {
     unsafe { libc::kill(child.id() as i32, SIGINT) };
     assert_eq!(wait_exit(&mut child, std::time::Duration::from_secs(10)).code(), Some(0));
 }
+
+#[test]
+fn the_readme_config_example_is_valid() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("```yaml\n").expect("README has a yaml example") + 8;
+    let end = start + readme[start..].find("```").unwrap();
+    let dir = scratch_dir();
+    let path = dir.join("example.yaml");
+    std::fs::write(&path, &readme[start..end]).unwrap();
+    let (code, out, err) = run(&["check-config", path.to_str().unwrap()], &dir);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("store_method: file_based"), "{out}");
+}
