@@ -13,6 +13,9 @@ cargo bench --no-run --workspace
 
 export RINGCAST_BIN="$PWD/target/release/ringcast"
 
+echo "== soak: churning subscribers, every event checked (ringcast-loadtest soak) =="
+bash tests/soak.sh
+
 echo "== Node SDK suite (npm iii-sdk 0.22.1) =="
 bash tests/sdk/node/run.sh
 

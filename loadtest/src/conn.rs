@@ -90,7 +90,8 @@ pub struct RxState {
     /// false while a fragmented data message is incomplete
     pub cur_fin: bool,
     ctl_op: u8,
-    ctl: Vec<u8>,
+    /// payload of the last control frame (a close frame's code and reason after `closed`)
+    pub ctl: Vec<u8>,
     capturing: bool,
     msg: Vec<u8>,
     sample_ctr: u32,

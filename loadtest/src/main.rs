@@ -5,6 +5,7 @@ mod caller;
 mod conn;
 mod report;
 mod runloop;
+mod soak;
 mod sys;
 mod ws;
 
@@ -124,6 +125,33 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         hold: f64,
     },
+    /// Mixed soak: a stream::set publisher over G groups and churning subscribers whose live
+    /// frames are checked against their sync snapshot (no gap, duplicate or reorder)
+    Soak {
+        /// concurrent subscribers (each one leaves after a random lifetime and is replaced)
+        #[arg(long, default_value_t = 200)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 8)]
+        groups: u32,
+        /// sets per second over all groups, 0 = as fast as one set in flight per group allows
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        /// distinct item ids per group (the sync snapshot holds up to this many values)
+        #[arg(long, default_value_t = 16)]
+        items: u32,
+        /// stream name (default: soak-<random>, fresh for every run)
+        #[arg(long)]
+        stream: Option<String>,
+        /// shortest subscriber lifetime after its sync frame, seconds
+        #[arg(long, default_value_t = 0.2)]
+        min_life: f64,
+        /// longest subscriber lifetime after its sync frame, seconds
+        #[arg(long, default_value_t = 2.0)]
+        max_life: f64,
+        /// leave by closing the TCP socket without sending a WebSocket close frame first
+        #[arg(long)]
+        abrupt_leave: bool,
+    },
     /// This machine's delivery ceiling: an in-process bare writer feeding S loopback sockets
     Limit {
         #[arg(long, default_value_t = 100)]
@@ -171,29 +199,58 @@ fn main() -> ExitCode {
                 items: (*items).max(1),
                 ceiling: *ceiling,
             },
-        ),
+        )
+        .map(|r| (r, true)),
         Cmd::Rpc {
             inflight,
             payload,
             rate,
             function,
-        } => rpc(c, (*inflight).max(1), *payload, *rate, function),
+        } => rpc(c, (*inflight).max(1), *payload, *rate, function).map(|r| (r, true)),
         Cmd::Connect {
             subscribers,
             target,
             groups,
             stream,
             hold,
-        } => connect(c, *subscribers, *target, (*groups).max(1), stream, *hold),
+        } => connect(c, *subscribers, *target, (*groups).max(1), stream, *hold).map(|r| (r, true)),
         Cmd::Limit {
             subscribers,
             payload,
-        } => limit(c, (*subscribers).max(1), *payload),
+        } => limit(c, (*subscribers).max(1), *payload).map(|r| (r, true)),
+        Cmd::Soak {
+            subscribers,
+            groups,
+            rate,
+            items,
+            stream,
+            min_life,
+            max_life,
+            abrupt_leave,
+        } => soak::soak(
+            c,
+            soak::SoakArgs {
+                subs: *subscribers,
+                groups: *groups,
+                rate: *rate,
+                items: *items,
+                stream: stream.clone().unwrap_or_else(|| {
+                    format!("soak-{:06x}", Rng::seeded().next_u64() & 0xff_ffff)
+                }),
+                min_life: *min_life,
+                max_life: *max_life,
+                abrupt: *abrupt_leave,
+            },
+        ),
     };
     match res {
-        Ok(r) => {
+        Ok((r, ok)) => {
             r.print(c.json);
-            ExitCode::SUCCESS
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
         Err(e) => {
             if c.json {

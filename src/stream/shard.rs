@@ -397,15 +397,18 @@ impl Shard {
     pub fn close_conn(&mut self, conn: ConnId, code: u16, reason: &str) {
         let Some(c) = self.conns.get(&conn) else { return };
         c.queue.close(close_frame(code, reason));
-        let fd = c.fd;
-        let queue = c.queue.clone();
         self.drop_subscriptions(conn);
+        let shard = self.self_ref.clone();
         glommio::spawn_local(async move {
             glommio::timer::sleep(CLOSE_FLUSH_LIMIT).await;
-            if queue.is_closing() {
-                // SAFETY: shutdown(2) on a socket fd that stays open until its task ends; it only
-                // makes pending reads and writes on it fail.
-                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            // Only while the connection is still registered is its fd still its own: after it
+            // ends the number may belong to a newer connection.
+            let Some(shard) = shard.upgrade() else { return };
+            let shard = shard.borrow();
+            if let Some(c) = shard.conns.get(&conn) {
+                // SAFETY: shutdown(2) on the socket of a live connection; it only makes its
+                // pending reads and writes fail, so its task ends.
+                unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
             }
         })
         .detach();
