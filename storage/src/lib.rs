@@ -42,3 +42,21 @@ pub trait KvStore {
     /// Every stream with its non-empty groups, both sorted.
     fn list_streams(&self) -> Vec<(String, Vec<String>)>;
 }
+
+/// `stream -> group -> items`, as both stores index them.
+pub(crate) type Streams<G> = std::collections::HashMap<String, std::collections::HashMap<String, G>>;
+
+/// The groups of `stream`, sorted.
+pub(crate) fn sorted_groups<G>(streams: &Streams<G>, stream: &str) -> Vec<String> {
+    let mut names: Vec<String> = streams.get(stream).map(|g| g.keys().cloned().collect()).unwrap_or_default();
+    names.sort_unstable();
+    names
+}
+
+/// Every stream with its groups, both sorted.
+pub(crate) fn sorted_streams<G>(streams: &Streams<G>) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> =
+        streams.keys().map(|name| (name.clone(), sorted_groups(streams, name))).collect();
+    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    out
+}

@@ -90,27 +90,11 @@ impl KvStore for MemoryStore {
     }
 
     fn list_groups(&self, stream: &str) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .streams
-            .get(stream)
-            .map(|g| g.keys().cloned().collect())
-            .unwrap_or_default();
-        names.sort_unstable();
-        names
+        crate::sorted_groups(&self.streams, stream)
     }
 
     fn list_streams(&self) -> Vec<(String, Vec<String>)> {
-        let mut out: Vec<(String, Vec<String>)> = self
-            .streams
-            .iter()
-            .map(|(name, groups)| {
-                let mut names: Vec<String> = groups.keys().cloned().collect();
-                names.sort_unstable();
-                (name.clone(), names)
-            })
-            .collect();
-        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        out
+        crate::sorted_streams(&self.streams)
     }
 }
 
