@@ -447,6 +447,13 @@ fn merged_stats(outs: &[LoopOut]) -> (ThreadStats, u64) {
     (st, masked)
 }
 
+/// A "CPU nanoseconds per unit of work" row, when any work was done.
+fn per_unit_cpu(r: &mut Report, key: &str, cpu_s: f64, units: u64, unit: &str) {
+    if units > 0 {
+        r.num(key, cpu_s * 1e9 / units as f64, 0, unit);
+    }
+}
+
 fn server_rows(
     r: &mut Report,
     a: Option<sys::ProcSnap>,
@@ -619,14 +626,7 @@ fn fanout(c: &Common, a: FanoutArgs) -> Result<Report, String> {
     let cpu = cl.cpu_end - cl.cpu_start;
     r.num("harness_cpu_s", cpu, 2, "s");
     r.num("harness_cpu_cores", cpu / window.max(1e-9), 2, "cores");
-    if st.delivered > 0 {
-        r.num(
-            "harness_cpu_ns_per_delivery",
-            cpu * 1e9 / st.delivered as f64,
-            0,
-            "ns",
-        );
-    }
+    per_unit_cpu(&mut r, "harness_cpu_ns_per_delivery", cpu, st.delivered, "ns");
     server_rows(
         &mut r,
         cl.proc_start,
@@ -739,14 +739,7 @@ fn rpc(
     r.latency("call_latency", &cl.ack_hist);
     let cpu = cl.cpu_end - cl.cpu_start;
     r.num("harness_cpu_s", cpu, 2, "s");
-    if cl.acked > 0 {
-        r.num(
-            "harness_cpu_ns_per_call",
-            cpu * 1e9 / cl.acked as f64,
-            0,
-            "ns",
-        );
-    }
+    per_unit_cpu(&mut r, "harness_cpu_ns_per_call", cpu, cl.acked, "ns");
     server_rows(
         &mut r,
         cl.proc_start,
@@ -1069,14 +1062,7 @@ fn limit(c: &Common, n: usize, payload: usize) -> Result<Report, String> {
         2,
         "cores (writer + receivers)",
     );
-    if frames > 0 {
-        r.num(
-            "harness_cpu_ns_per_delivery",
-            cpu * 1e9 / frames as f64,
-            0,
-            "ns (writer + receivers)",
-        );
-    }
+    per_unit_cpu(&mut r, "harness_cpu_ns_per_delivery", cpu, frames, "ns (writer + receivers)");
     r.int("frames_written_total", written);
     r.int("frames_received_total", st.delivered);
     let unaccounted = written as i64 - st.delivered as i64;

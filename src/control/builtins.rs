@@ -12,20 +12,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-/// Context of a builtin call.
-pub struct CallCtx {
-    pub caller: Option<ConnId>,
-    #[allow(dead_code)]
-    pub metadata: Option<Value>,
-}
-
 /// A builtin's answer: now, or from a task that completes later.
 pub enum BuiltinReply {
     Now(Outcome),
     Later(Pin<Box<dyn Future<Output = Outcome>>>),
 }
 
-pub type BuiltinFn = fn(&mut Engine, &CallCtx, Value) -> BuiltinReply;
+pub type BuiltinFn = fn(&mut Engine, Value) -> BuiltinReply;
 
 /// Who runs a function.
 #[derive(Clone, Copy)]
@@ -117,7 +110,7 @@ struct RegisterInput {
     telemetry: Option<Value>,
 }
 
-fn workers_register(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn workers_register(engine: &mut Engine, data: Value) -> BuiltinReply {
     const ID: &str = "engine::workers::register";
     let input: RegisterInput = match input(ID, data) {
         Ok(i) => i,
@@ -261,7 +254,7 @@ struct FunctionsListInput {
     include_internal: Option<bool>,
 }
 
-fn functions_list(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn functions_list(engine: &mut Engine, data: Value) -> BuiltinReply {
     let input: FunctionsListInput = match input("engine::functions::list", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
@@ -311,7 +304,7 @@ impl Engine {
     }
 }
 
-fn functions_info(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn functions_info(engine: &mut Engine, data: Value) -> BuiltinReply {
     let input: FunctionsInfoInput = match input("engine::functions::info", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
@@ -386,7 +379,7 @@ struct WorkersListInput {
     status: Option<String>,
 }
 
-fn workers_list(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn workers_list(engine: &mut Engine, data: Value) -> BuiltinReply {
     let input: WorkersListInput = match input("engine::workers::list", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
@@ -411,7 +404,7 @@ struct WorkersInfoInput {
     namespace: Option<String>,
 }
 
-fn workers_info(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn workers_info(engine: &mut Engine, data: Value) -> BuiltinReply {
     let input: WorkersInfoInput = match input("engine::workers::info", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
@@ -465,7 +458,7 @@ struct TriggersListInput {
     include_internal: Option<bool>,
 }
 
-fn triggers_list(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn triggers_list(engine: &mut Engine, data: Value) -> BuiltinReply {
     let input: TriggersListInput = match input("engine::triggers::list", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
@@ -494,7 +487,7 @@ struct TriggersInfoInput {
     namespace: Option<String>,
 }
 
-fn triggers_info(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn triggers_info(engine: &mut Engine, data: Value) -> BuiltinReply {
     let input: TriggersInfoInput = match input("engine::triggers::info", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
@@ -547,7 +540,7 @@ struct RegisteredTriggersListInput {
     include_internal: Option<bool>,
 }
 
-fn registered_triggers_list(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn registered_triggers_list(engine: &mut Engine, data: Value) -> BuiltinReply {
     let input: RegisteredTriggersListInput = match input("engine::registered-triggers::list", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
@@ -577,7 +570,7 @@ struct IdInput {
     id: String,
 }
 
-fn registered_triggers_info(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn registered_triggers_info(engine: &mut Engine, data: Value) -> BuiltinReply {
     let input: IdInput = match input("engine::registered-triggers::info", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
@@ -610,7 +603,7 @@ struct RegisterTriggerInput {
 /// How long `engine::register_trigger` waits for a worker provider's verdict.
 const PROVIDER_VERDICT_WAIT: Duration = Duration::from_secs(10);
 
-fn register_trigger(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn register_trigger(engine: &mut Engine, data: Value) -> BuiltinReply {
     let input: RegisterTriggerInput = match input("engine::register_trigger", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
@@ -656,7 +649,7 @@ struct UnregisterTriggerInput {
     id: String,
 }
 
-fn unregister_trigger(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn unregister_trigger(engine: &mut Engine, data: Value) -> BuiltinReply {
     let input: UnregisterTriggerInput = match input("engine::unregister_trigger", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),

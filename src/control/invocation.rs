@@ -1,7 +1,7 @@
 //! Invocation routing and result correlation (spec §4): sync, void and enqueue calls, the
 //! pending table keyed by invocation id, and how each call is answered.
 
-use super::builtins::{BuiltinReply, CallCtx, Handler};
+use super::builtins::{BuiltinReply, Handler};
 use super::engine::{ConnId, Engine};
 use super::registry::{is_blank, DEFAULT_NS};
 use super::wire::{Action, ErrorBody, InvocationResult, InvokeFunction, Outbound};
@@ -39,7 +39,6 @@ pub struct Call {
     pub baggage: Option<String>,
     /// The caller's id, reused on the hop to the owner for sync calls (spec §4.2).
     pub forward_id: Option<Uuid>,
-    pub caller: Option<ConnId>,
 }
 
 impl Call {
@@ -53,7 +52,6 @@ impl Call {
             traceparent: None,
             baggage: None,
             forward_id: None,
-            caller: None,
         }
     }
 }
@@ -126,7 +124,6 @@ impl Engine {
             traceparent: m.traceparent,
             baggage: m.baggage,
             forward_id: parsed_id,
-            caller: Some(conn),
         };
         self.invoke(call, reply);
     }
@@ -147,8 +144,7 @@ impl Engine {
         };
         match handler {
             Handler::Builtin(run) => {
-                let ctx = CallCtx { caller: call.caller, metadata: call.metadata };
-                match run(self, &ctx, call.data) {
+                match run(self, call.data) {
                     BuiltinReply::Now(outcome) => self.complete(reply, outcome, None, None),
                     BuiltinReply::Later(fut) => {
                         let engine = self.self_ref.clone();

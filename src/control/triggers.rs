@@ -317,15 +317,21 @@ impl Engine {
     }
 
     /// Fires every binding of an engine-provided trigger type with `payload`.
-    pub fn fire_engine_trigger(&mut self, trigger_type: &str, payload: Value) {
-        let targets: Vec<(String, String, Option<Value>)> = self
+    /// The live (not parked) bindings of `trigger_type`, in registration order.
+    pub fn live_bindings(&self, trigger_type: &str) -> Vec<Binding> {
+        let mut found: Vec<Binding> = self
             .bindings
             .values()
             .filter(|b| b.trigger_type == trigger_type && b.routed_ns.is_some())
-            .map(|b| (b.namespace.clone(), b.function_id.clone(), b.metadata.clone()))
+            .cloned()
             .collect();
-        for (ns, function_id, metadata) in targets {
-            self.invoke(Call::internal(&ns, &function_id, payload.clone(), metadata), Reply::Discard);
+        found.sort_by_key(|b| b.seq);
+        found
+    }
+
+    pub fn fire_engine_trigger(&mut self, trigger_type: &str, payload: Value) {
+        for b in self.live_bindings(trigger_type) {
+            self.invoke(Call::internal(&b.namespace, &b.function_id, payload.clone(), b.metadata), Reply::Discard);
         }
     }
 

@@ -5,7 +5,7 @@
 
 use super::messages::{ControlRequest, EventKind, GroupKey, ShardMsg, StoreOp, StoreReply};
 use super::StreamService;
-use crate::control::builtins::{input, now, BuiltinFn, BuiltinReply, CallCtx};
+use crate::control::builtins::{input, now, BuiltinFn, BuiltinReply};
 use crate::control::engine::Engine;
 use crate::control::invocation::{Call, Outcome, Reply};
 use crate::control::registry::DEFAULT_NS;
@@ -139,15 +139,15 @@ fn finish(weak: &Weak<RefCell<Engine>>, key: GroupKey, reply: StoreReply) -> Out
     reply.result.map_err(|(code, message)| ErrorBody::new(&code, message))
 }
 
-fn stream_set(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn stream_set(engine: &mut Engine, data: Value) -> BuiltinReply {
     let i: SetInput = decode!("stream::set", data);
     if let Some(custom) = override_of(engine, "set", &i.stream_name) {
-        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, "STREAM_SET_ERROR");
+        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_SET_ERROR"));
     }
     route(engine, (i.stream_name, i.group_id), StoreOp::Set { item: i.item_id, data: i.data }, "STREAM_SET_ERROR")
 }
 
-fn stream_get(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn stream_get(engine: &mut Engine, data: Value) -> BuiltinReply {
     let i: ItemInput = decode!("stream::get", data);
     if let Some(custom) = override_of(engine, "get", &i.stream_name) {
         return passthrough(engine, &custom, data);
@@ -155,15 +155,15 @@ fn stream_get(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply 
     route(engine, (i.stream_name, i.group_id), StoreOp::Get { item: i.item_id }, "STREAM_GET_ERROR")
 }
 
-fn stream_delete(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn stream_delete(engine: &mut Engine, data: Value) -> BuiltinReply {
     let i: ItemInput = decode!("stream::delete", data);
     if let Some(custom) = override_of(engine, "delete", &i.stream_name) {
-        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, "STREAM_DELETE_ERROR");
+        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Delete);
     }
     route(engine, (i.stream_name, i.group_id), StoreOp::Delete { item: i.item_id }, "STREAM_DELETE_ERROR")
 }
 
-fn stream_list(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn stream_list(engine: &mut Engine, data: Value) -> BuiltinReply {
     let i: GroupInput = decode!("stream::list", data);
     if let Some(custom) = override_of(engine, "list", &i.stream_name) {
         return passthrough(engine, &custom, data);
@@ -171,7 +171,7 @@ fn stream_list(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply
     route(engine, (i.stream_name, i.group_id), StoreOp::List, "STREAM_GET_GROUP_ERROR")
 }
 
-fn stream_update(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn stream_update(engine: &mut Engine, data: Value) -> BuiltinReply {
     let i: UpdateInput = decode!("stream::update", data);
     let ops = match ringcast_storage::update_ops::parse_ops(&i.ops) {
         Ok(ops) => ops,
@@ -180,18 +180,18 @@ fn stream_update(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinRep
         }
     };
     if let Some(custom) = override_of(engine, "update", &i.stream_name) {
-        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, "STREAM_UPDATE_ERROR");
+        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_UPDATE_ERROR"));
     }
     route(engine, (i.stream_name, i.group_id), StoreOp::Update { item: i.item_id, ops }, "STREAM_UPDATE_ERROR")
 }
 
-fn stream_send(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn stream_send(engine: &mut Engine, data: Value) -> BuiltinReply {
     let i: SendInput = decode!("stream::send", data);
     let op = StoreOp::Send { item: i.id, event_type: i.event_type, data: i.data };
     route(engine, (i.stream_name, i.group_id), op, "STREAM_SEND_ERROR")
 }
 
-fn stream_list_groups(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn stream_list_groups(engine: &mut Engine, data: Value) -> BuiltinReply {
     let i: StreamInput = decode!("stream::list_groups", data);
     if let Some(custom) = override_of(engine, "list_groups", &i.stream_name) {
         return passthrough(engine, &custom, data);
@@ -214,7 +214,7 @@ fn stream_list_groups(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> Built
     }))
 }
 
-fn stream_list_all(engine: &mut Engine, _ctx: &CallCtx, data: Value) -> BuiltinReply {
+fn stream_list_all(engine: &mut Engine, data: Value) -> BuiltinReply {
     if data.is_null() {
         return now(Err(ErrorBody::new("deserialization_error", "Failed to deserialize input for stream::list_all: expected an object")));
     }
@@ -249,20 +249,23 @@ fn passthrough(engine: &mut Engine, function_id: &str, data: Value) -> BuiltinRe
     }))
 }
 
+/// What a custom mutation function did: wrote a value (set/update, with the error code of the
+/// built-in function it replaces) or deleted one.
+enum Mutation {
+    Write(&'static str),
+    Delete,
+}
+
 /// A mutation served by a custom function: the engine still publishes the event and fires the
 /// triggers, from the `{old_value, new_value}` the function returns.
-fn custom_mutation(
-    engine: &mut Engine,
-    function_id: &str,
-    data: Value,
-    key: GroupKey,
-    item: String,
-    error_code: &'static str,
-) -> BuiltinReply {
+fn custom_mutation(engine: &mut Engine, function_id: &str, data: Value, key: GroupKey, item: String, mutation: Mutation) -> BuiltinReply {
     let rx = call_function(engine, function_id, data);
     let service = service(engine);
     let weak = engine.self_ref.clone();
-    let is_delete = error_code == "STREAM_DELETE_ERROR";
+    let error_code = match mutation {
+        Mutation::Write(code) => code,
+        Mutation::Delete => "STREAM_DELETE_ERROR",
+    };
     BuiltinReply::Later(Box::pin(async move {
         let result = match rx.await {
             Ok(Ok(Some(result))) if result.is_object() => result,
@@ -270,7 +273,7 @@ fn custom_mutation(
             _ => return Err(ErrorBody::new(error_code, "the custom stream function returned no result")),
         };
         let old = result.get("old_value").filter(|v| !v.is_null()).cloned();
-        let (kind, event_data) = if is_delete {
+        let (kind, event_data) = if matches!(mutation, Mutation::Delete) {
             match old {
                 Some(old) => (EventKind::Delete, old),
                 None => return Ok(Some(result)),
@@ -287,17 +290,6 @@ fn custom_mutation(
         }
         Ok(Some(result))
     }))
-}
-
-/// Bindings of `trigger_type`, in registration order, as `(namespace, function_id, metadata, config)`.
-fn bindings_of(engine: &Engine, trigger_type: &str) -> Vec<(String, String, Option<Value>, Value)> {
-    let mut found: Vec<_> = engine
-        .bindings
-        .values()
-        .filter(|b| b.trigger_type == trigger_type && b.routed_ns.is_some())
-        .collect();
-    found.sort_by_key(|b| b.seq);
-    found.into_iter().map(|b| (b.namespace.clone(), b.function_id.clone(), b.metadata.clone(), b.config.clone())).collect()
 }
 
 /// Calls a function from a task and waits for its outcome.
@@ -317,7 +309,7 @@ fn config_matches(config: &Value, field: &str, actual: &str) -> bool {
 /// Fires the `stream` triggers matching an event: one task per event calls the handlers in
 /// registration order, each after its condition function (skipped only on exactly `false`).
 fn fire_stream_triggers(engine: &Rc<RefCell<Engine>>, key: &GroupKey, frame: Bytes) {
-    let bindings = bindings_of(&engine.borrow(), "stream");
+    let bindings = engine.borrow().live_bindings("stream");
     if bindings.is_empty() {
         return;
     }
@@ -326,7 +318,8 @@ fn fire_stream_triggers(engine: &Rc<RefCell<Engine>>, key: &GroupKey, frame: Byt
     let event_item = payload.get("id").and_then(Value::as_str).unwrap_or("").to_string();
     let matching: Vec<_> = bindings
         .into_iter()
-        .filter(|(_, _, _, config)| {
+        .filter(|b| {
+            let config = &b.config;
             config.get("stream_name").and_then(Value::as_str) == Some(key.0.as_str())
                 && config_matches(config, "group_id", &key.1)
                 && config_matches(config, "item_id", &event_item)
@@ -337,9 +330,9 @@ fn fire_stream_triggers(engine: &Rc<RefCell<Engine>>, key: &GroupKey, frame: Byt
     }
     let engine = engine.clone();
     crate::control::engine::spawn_deferred(async move {
-        for (ns, function_id, metadata, config) in matching {
-            if let Some(condition) = config.get("condition_function_id").and_then(Value::as_str) {
-                match call_and_wait(&engine, &ns, condition, payload.clone(), metadata.clone()).await {
+        for b in matching {
+            if let Some(condition) = b.config.get("condition_function_id").and_then(Value::as_str) {
+                match call_and_wait(&engine, &b.namespace, condition, payload.clone(), b.metadata.clone()).await {
                     Ok(Some(Value::Bool(false))) => continue,
                     Ok(_) => {}
                     Err(e) => {
@@ -348,8 +341,8 @@ fn fire_stream_triggers(engine: &Rc<RefCell<Engine>>, key: &GroupKey, frame: Byt
                     }
                 }
             }
-            if let Err(e) = call_and_wait(&engine, &ns, &function_id, payload.clone(), metadata).await {
-                tracing::warn!(function_id, code = %e.code, message = %e.message, "stream trigger handler failed");
+            if let Err(e) = call_and_wait(&engine, &b.namespace, &b.function_id, payload.clone(), b.metadata).await {
+                tracing::warn!(function_id = %b.function_id, code = %e.code, message = %e.message, "stream trigger handler failed");
             }
         }
     });
@@ -371,9 +364,9 @@ pub async fn serve_shard_requests(engine: Rc<RefCell<Engine>>, mut requests: fut
                 }
                 ControlRequest::Join { payload, reply } => {
                     let mut authorized = true;
-                    let bindings = bindings_of(&engine.borrow(), "stream:join");
-                    for (ns, function_id, metadata, _) in bindings {
-                        let outcome = call_and_wait(&engine, &ns, &function_id, payload.clone(), metadata).await;
+                    let bindings = engine.borrow().live_bindings("stream:join");
+                    for b in bindings {
+                        let outcome = call_and_wait(&engine, &b.namespace, &b.function_id, payload.clone(), b.metadata).await;
                         if let Ok(Some(result)) = outcome {
                             if result.get("unauthorized") == Some(&Value::Bool(true)) {
                                 authorized = false;
@@ -383,9 +376,9 @@ pub async fn serve_shard_requests(engine: Rc<RefCell<Engine>>, mut requests: fut
                     let _ = reply.send(authorized);
                 }
                 ControlRequest::Leave { payload } => {
-                    let bindings = bindings_of(&engine.borrow(), "stream:leave");
-                    for (ns, function_id, metadata, _) in bindings {
-                        let _ = call_and_wait(&engine, &ns, &function_id, payload.clone(), metadata).await;
+                    let bindings = engine.borrow().live_bindings("stream:leave");
+                    for b in bindings {
+                        let _ = call_and_wait(&engine, &b.namespace, &b.function_id, payload.clone(), b.metadata).await;
                     }
                 }
             }
