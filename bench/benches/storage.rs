@@ -2,7 +2,7 @@
 //! values, for each store.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ringcast_storage::file::{FileOptions, FileStore};
+use ringcast_storage::file::{FileOptions, FileStore, Populate};
 use ringcast_storage::memory::MemoryStore;
 use ringcast_storage::update_ops::{apply, parse_ops};
 use ringcast_storage::{Json, KvStore};
@@ -52,10 +52,10 @@ fn memory(c: &mut Criterion) {
 }
 
 /// A fresh file store in a scratch directory.
-fn file_store(tag: &str) -> FileStore {
+fn file_store(tag: &str, populate: Populate) -> FileStore {
     let dir = std::env::temp_dir().join(format!("ringcast-bench-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    FileStore::open(&dir, FileOptions::default()).expect("open a scratch file store")
+    FileStore::open(&dir, FileOptions { populate, ..FileOptions::default() }).expect("open a scratch file store")
 }
 
 /// `file_based` with `durability: none`: the write path alone.
@@ -63,7 +63,7 @@ fn file_none(c: &mut Criterion) {
     let mut n = 0;
     adapter_benches(c, "file_based_none", || {
         n += 1;
-        file_store(&format!("none-{n}"))
+        file_store(&format!("none-{n}"), Populate::Write)
     });
 }
 
@@ -73,7 +73,7 @@ fn file_durable(c: &mut Criterion) {
     for size in [128usize, 4096] {
         let v = value(size);
         let mut group = c.benchmark_group(format!("storage/file_based_durable/{size}B"));
-        let mut store = file_store(&format!("always-{size}"));
+        let mut store = file_store(&format!("always-{size}"), Populate::Read);
         let mut n = 0u64;
         group.throughput(Throughput::Elements(1));
         group.bench_function("set_always", |b| {
@@ -83,7 +83,7 @@ fn file_durable(c: &mut Criterion) {
                 store.sync().unwrap();
             })
         });
-        let mut store = file_store(&format!("batch-{size}"));
+        let mut store = file_store(&format!("batch-{size}"), Populate::Read);
         group.throughput(Throughput::Elements(64));
         group.bench_function("set_batch_64", |b| {
             b.iter(|| {

@@ -4,7 +4,7 @@
 
 use crate::config::{Durability, KvConfig, StoreMethod};
 use futures_channel::oneshot;
-use ringcast_storage::file::{FileOptions, FileStore, FlushHandle};
+use ringcast_storage::file::{FileOptions, FileStore, FlushHandle, Populate};
 use ringcast_storage::memory::MemoryStore;
 use ringcast_storage::{Json, KvStore, StoreError};
 use std::path::{Path, PathBuf};
@@ -16,7 +16,9 @@ pub enum ShardStore {
 }
 
 fn options(kv: &KvConfig) -> FileOptions {
-    FileOptions { segment_size: kv.segment_size, compaction_threshold: kv.compaction_threshold }
+    // Pages populated writable ahead of the cursor would be written out by every fdatasync.
+    let populate = if kv.durability == Durability::None { Populate::Write } else { Populate::Read };
+    FileOptions { segment_size: kv.segment_size, compaction_threshold: kv.compaction_threshold, populate }
 }
 
 fn shard_dir(root: &Path, shard: usize) -> PathBuf {

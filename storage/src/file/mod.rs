@@ -11,6 +11,7 @@
 
 mod compaction;
 mod index;
+mod prefault;
 mod record;
 mod recovery;
 mod repair;
@@ -32,6 +33,7 @@ use std::sync::Arc;
 use crate::{Json, KvStore, StoreError};
 
 pub use compaction::CompactProgress;
+pub use prefault::Populate;
 pub use repair::{repair, RepairReport};
 pub use sync::FlushHandle;
 
@@ -46,6 +48,8 @@ pub struct FileOptions {
     pub segment_size: u64,
     /// A sealed segment is compacted once more than this fraction of its bytes is dead.
     pub compaction_threshold: f64,
+    /// How pages ahead of the write cursor are prepared (see `prefault`).
+    pub populate: Populate,
 }
 
 impl Default for FileOptions {
@@ -53,6 +57,7 @@ impl Default for FileOptions {
         FileOptions {
             segment_size: 64 << 20,
             compaction_threshold: 0.5,
+            populate: Populate::Read,
         }
     }
 }
@@ -134,6 +139,7 @@ pub struct FileStore {
     compaction: Option<compaction::Cursor>,
     /// Reused buffer for records that compaction copies.
     scratch: Vec<u8>,
+    prefaulter: prefault::Prefaulter,
     /// Held while open: one store per directory.
     _lock: fs::File,
 }
@@ -228,7 +234,10 @@ impl FileStore {
         let seg = &self.segments[&loc.seg];
         let bytes = &seg.bytes()[loc.value_range()];
         // Always valid UTF-8: written from a `&str` or verified by the scan at open.
-        Json::from(String::from_utf8_lossy(bytes).as_ref())
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Json::from(text),
+            Err(_) => Json::from(String::from_utf8_lossy(bytes).as_ref()),
+        }
     }
 
     fn add_live(&mut self, loc: Loc) {
@@ -295,6 +304,7 @@ impl FileStore {
         let offset = seg.append(len, |dst| {
             record::encode_into(dst, kind, seq, stream, group, item, value)
         });
+        seg.prefault(&self.prefaulter);
         self.sync.note_write();
         Ok(Loc {
             seg: self.active,
@@ -309,6 +319,7 @@ impl FileStore {
         self.make_room(raw.len())?;
         let seg = self.segments.get_mut(&self.active).expect("active segment");
         let offset = seg.append(raw.len(), |dst| dst.copy_from_slice(raw));
+        seg.prefault(&self.prefaulter);
         self.sync.note_write();
         Ok(Loc {
             seg: self.active,

@@ -71,10 +71,12 @@ fn options() -> impl Strategy<Value = FileOptions> {
     (
         prop_oneof![Just(128u64), Just(512), Just(2048)],
         prop_oneof![Just(0.0), Just(0.3), Just(0.5), Just(0.9)],
+        prop_oneof![Just(Populate::Read), Just(Populate::Write)],
     )
-        .prop_map(|(segment_size, compaction_threshold)| FileOptions {
+        .prop_map(|(segment_size, compaction_threshold, populate)| FileOptions {
             segment_size,
             compaction_threshold,
+            populate,
         })
 }
 

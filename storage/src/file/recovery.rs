@@ -242,6 +242,7 @@ pub(super) fn open(dir: &Path, options: FileOptions) -> Result<FileStore, OpenEr
         sync,
         compaction: None,
         scratch: Vec::new(),
+        prefaulter: super::prefault::Prefaulter::start(options.populate),
         _lock: lock,
     })
 }

@@ -17,7 +17,9 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{Mmap, MmapMut, MmapOptions};
+use memmap2::{Mmap, MmapOptions, MmapRaw};
+
+use super::prefault::Prefaulter;
 
 /// Live and dead record bytes of a segment: what compaction decides by.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +29,8 @@ pub struct Usage {
 }
 
 enum Map {
-    Active(MmapMut),
+    /// Shared with the prefault helper while it populates pages ahead of the cursor.
+    Active(Arc<MmapRaw>),
     Sealed(Mmap),
     /// A zero-length file cannot be mapped.
     Empty,
@@ -43,6 +46,8 @@ pub struct Segment {
     /// Length of the file (and of the map).
     pub capacity: u64,
     pub usage: Usage,
+    /// End of the range the prefault helper was asked to populate (active segment only).
+    populated: usize,
 }
 
 pub fn file_name(id: u32) -> String {
@@ -111,10 +116,9 @@ fn allocate(file: &File, len: u64) -> io::Result<()> {
     }
 }
 
-fn map_rw(file: &File, len: u64) -> io::Result<MmapMut> {
+fn map_rw(file: &File, len: u64) -> io::Result<Arc<MmapRaw>> {
     let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: see the module doc.
-    unsafe { MmapOptions::new().len(len).map_mut(file) }
+    Ok(Arc::new(MmapOptions::new().len(len).map_raw(file)?))
 }
 
 fn map_ro(file: &File, len: u64) -> io::Result<Map> {
@@ -155,6 +159,7 @@ impl Segment {
                 len: 0,
                 capacity,
                 usage: Usage::default(),
+                populated: 0,
             }),
             Err(err) => {
                 let _ = fs::remove_file(&path);
@@ -177,13 +182,16 @@ impl Segment {
             len: 0,
             capacity,
             usage: Usage::default(),
+            populated: 0,
         })
     }
 
     /// The mapped bytes: records up to `len`, zeros after.
     pub fn bytes(&self) -> &[u8] {
         match &self.map {
-            Map::Active(map) => map,
+            // SAFETY: the mapping lives as long as `self.map`; only `append` (through `&mut
+            // self`) writes to it, and the prefault helper changes no byte.
+            Map::Active(map) => unsafe { std::slice::from_raw_parts(map.as_ptr(), map.len()) },
             Map::Sealed(map) => map,
             Map::Empty => &[],
         }
@@ -200,6 +208,7 @@ impl Segment {
         self.file.sync_all()?;
         self.map = Map::Active(map_rw(&self.file, capacity)?);
         self.capacity = capacity;
+        self.populated = 0;
         Ok(())
     }
 
@@ -209,14 +218,24 @@ impl Segment {
 
     /// Appends `len` bytes written by `fill`; returns their offset. The caller checked `room`.
     pub fn append(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) -> u64 {
-        let Map::Active(map) = &mut self.map else {
+        let Map::Active(map) = &self.map else {
             panic!("append to sealed segment {}", self.id)
         };
         let offset = self.len;
         let start = offset as usize;
-        fill(&mut map[start..start + len]);
+        assert!(start + len <= map.len(), "append past the end of segment {}", self.id);
+        // SAFETY: in bounds (checked above); `&mut self` makes this the only reference to these
+        // bytes, and the prefault helper does not write them.
+        fill(unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr().add(start), len) });
         self.len += len as u64;
         offset
+    }
+
+    /// Keeps the pages ahead of the write cursor populated (see `prefault`).
+    pub fn prefault(&mut self, prefaulter: &Prefaulter) {
+        if let Map::Active(map) = &self.map {
+            self.populated = prefaulter.ahead(map, self.len as usize, self.populated);
+        }
     }
 
     /// Ends writing to this segment: maps just its records read-only and gives back the unused

@@ -339,6 +339,7 @@ fn compaction_reclaims_disk_and_keeps_every_live_item() {
         FileOptions {
             segment_size: 1024,
             compaction_threshold: 0.5,
+            ..FileOptions::default()
         },
     )
     .unwrap();
@@ -378,6 +379,7 @@ fn compaction_reclaims_disk_and_keeps_every_live_item() {
         FileOptions {
             segment_size: 1024,
             compaction_threshold: 0.5,
+            ..FileOptions::default()
         },
     )
     .unwrap();
@@ -390,6 +392,7 @@ fn deleted_items_stay_deleted_when_their_tombstone_is_compacted() {
     let opts = FileOptions {
         segment_size: 512,
         compaction_threshold: 0.3,
+        ..FileOptions::default()
     };
     let mut store = FileStore::open(&dir.0, opts).unwrap();
     // Segment 1: the item to delete beside items that stay live, so segment 1 is never compacted.
@@ -434,6 +437,7 @@ fn compaction_interleaves_with_writes() {
     let opts = FileOptions {
         segment_size: 512,
         compaction_threshold: 0.0,
+        ..FileOptions::default()
     };
     let mut store = FileStore::open(&dir.0, opts).unwrap();
     let mut mem = MemoryStore::new();
