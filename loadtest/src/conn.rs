@@ -1,6 +1,6 @@
 //! One WebSocket connection on the lean receive path, and per-thread counters.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
@@ -285,6 +285,13 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(sock: TcpStream, initial: Vec<u8>, mode: Mode, mask: [u8; 4], role: Role) -> Conn {
+        if matches!(mode, Mode::Count { latency: true, .. }) {
+            // Latency is taken at the subscriber socket: the kernel's receive timestamp, so the
+            // time this harness needs to get to the socket is not counted.
+            if let Err(e) = crate::sys::enable_rx_timestamps(sock.as_raw_fd()) {
+                eprintln!("warning: no kernel receive timestamps ({e}); latency includes the harness's own delay");
+            }
+        }
         Conn {
             sock,
             walker: FrameWalker::new(),
@@ -343,10 +350,10 @@ impl Conn {
     /// Reads until the socket is drained (edge-triggered). Returns false when the peer closed.
     pub fn read_ready(&mut self, rbuf: &mut [u8], ts: &mut ThreadStats) -> bool {
         loop {
-            match (&self.sock).read(rbuf) {
-                Ok(0) => return false,
-                Ok(n) => {
-                    let now = crate::sys::now_ns();
+            match crate::sys::recv_stamped(self.sock.as_raw_fd(), rbuf) {
+                Ok((0, _)) => return false,
+                Ok((n, stamp)) => {
+                    let now = stamp.map_or_else(crate::sys::now_ns, crate::sys::from_realtime);
                     self.feed(&rbuf[..n], ts, now);
                     if self.rx.closed {
                         return false;

@@ -72,7 +72,9 @@ struct Common {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Stream fan-out: S subscribers over G groups, one stream::set publisher
+    /// Stream fan-out: S subscribers over G groups, one stream::set publisher. Delivery latency
+    /// is taken at the subscriber socket: the kernel's receive timestamp of the frame minus
+    /// the time its set was sent, so the harness's own delay in reading is not counted
     Fanout {
         #[arg(long, default_value_t = 100)]
         subscribers: usize,
@@ -649,6 +651,7 @@ fn fanout(c: &Common, a: FanoutArgs) -> Result<Report, String> {
         ));
     }
     r.note("window = first set → end of drain; deliveries/s and CPU are over that window");
+    r.note("delivery latency = kernel receive timestamp at the subscriber socket (SO_TIMESTAMPNS, last packet of each read) − the set's send time");
     if let Some(p) = &c.plot {
         report::plot_svg(
             p,

@@ -12,12 +12,67 @@ static EPOCH: OnceLock<Instant> = OnceLock::new();
 
 pub fn init_clock() {
     EPOCH.get_or_init(Instant::now);
+    from_realtime(0);
 }
 
 /// Nanoseconds since the harness-wide monotonic epoch.
 #[inline]
 pub fn now_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// CLOCK_REALTIME minus the harness clock, read once (a run is seconds long: drift is noise).
+static REALTIME_OFFSET: OnceLock<u64> = OnceLock::new();
+
+/// A CLOCK_REALTIME instant (a kernel receive timestamp) on the harness clock.
+pub fn from_realtime(ns: u64) -> u64 {
+    let offset = *REALTIME_OFFSET.get_or_init(|| realtime_ns().saturating_sub(now_ns()));
+    ns.saturating_sub(offset)
+}
+
+/// Asks the kernel to stamp every packet this socket receives (`SO_TIMESTAMPNS`).
+pub fn enable_rx_timestamps(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, (&on as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// `read` that also returns the kernel's receive timestamp of the data (CLOCK_REALTIME ns),
+/// when the socket has `SO_TIMESTAMPNS` on. For TCP it is the stamp of the last packet read.
+pub fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut control = [0u64; 8]; // u64s: cmsg alignment
+    // SAFETY: msghdr is plain data; the pointers below stay valid for the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `msg` describes `buf` and `control`, both live and writable.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut stamp = None;
+    // SAFETY: walking the control messages the kernel wrote into `control`, with libc's macros.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::timespec);
+                stamp = Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, stamp))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -257,6 +312,31 @@ pub fn proc_snap(pid: u32) -> Option<ProcSnap> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn received_data_carries_the_kernel_receive_time() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut sender = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (receiver, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 16];
+
+        sender.write_all(b"plain").unwrap();
+        let (n, stamp) = recv_stamped(receiver.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!((&buf[..n], stamp), (&b"plain"[..], None), "no stamp unless asked for");
+
+        enable_rx_timestamps(receiver.as_raw_fd()).unwrap();
+        let before = now_ns();
+        sender.write_all(b"stamped").unwrap();
+        let (n, stamp) = recv_stamped(receiver.as_raw_fd(), &mut buf).unwrap();
+        let after = now_ns();
+        assert_eq!(&buf[..n], b"stamped");
+        let at = from_realtime(stamp.expect("a receive timestamp"));
+        // The two clocks are read a few microseconds apart when the offset is taken.
+        let slack = 1_000_000;
+        assert!(at + slack >= before && at <= after + slack, "{before} <= {at} <= {after}");
+    }
 
     #[test]
     fn id_roundtrip() {
