@@ -6,6 +6,7 @@ use ringcast_storage::file::{FileOptions, FileStore, Populate};
 use ringcast_storage::memory::MemoryStore;
 use ringcast_storage::update_ops::{apply, parse_ops};
 use ringcast_storage::{Json, KvStore};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 fn value(size: usize) -> Json {
@@ -51,29 +52,47 @@ fn memory(c: &mut Criterion) {
     adapter_benches(c, "in_memory", MemoryStore::new);
 }
 
-/// A fresh file store in a scratch directory.
-fn file_store(tag: &str, populate: Populate) -> FileStore {
-    let dir = std::env::temp_dir().join(format!("ringcast-bench-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    FileStore::open(&dir, FileOptions { populate, ..FileOptions::default() }).expect("open a scratch file store")
+/// Scratch directories of one bench function, removed when it ends (a `none` run writes
+/// gigabytes).
+#[derive(Default)]
+struct Scratch(Vec<PathBuf>);
+
+impl Scratch {
+    /// A fresh file store in a new scratch directory.
+    fn store(&mut self, tag: &str, populate: Populate) -> FileStore {
+        let dir = std::env::temp_dir().join(format!("ringcast-bench-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        self.0.push(dir.clone());
+        FileStore::open(&dir, FileOptions { populate, ..FileOptions::default() }).expect("open a scratch file store")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// `file_based` with `durability: none`: the write path alone.
 fn file_none(c: &mut Criterion) {
+    let mut scratch = Scratch::default();
     let mut n = 0;
     adapter_benches(c, "file_based_none", || {
         n += 1;
-        file_store(&format!("none-{n}"), Populate::Write)
+        scratch.store(&format!("none-{n}"), Populate::Write)
     });
 }
 
 /// `durability: always` (fdatasync per set) and `batch` (one fdatasync shared by 64 sets, as
 /// group commit does for 64 concurrent writers).
 fn file_durable(c: &mut Criterion) {
+    let mut scratch = Scratch::default();
     for size in [128usize, 4096] {
         let v = value(size);
         let mut group = c.benchmark_group(format!("storage/file_based_durable/{size}B"));
-        let mut store = file_store(&format!("always-{size}"), Populate::Read);
+        let mut store = scratch.store(&format!("always-{size}"), Populate::Read);
         let mut n = 0u64;
         group.throughput(Throughput::Elements(1));
         group.bench_function("set_always", |b| {
@@ -83,7 +102,7 @@ fn file_durable(c: &mut Criterion) {
                 store.sync().unwrap();
             })
         });
-        let mut store = file_store(&format!("batch-{size}"), Populate::Read);
+        let mut store = scratch.store(&format!("batch-{size}"), Populate::Read);
         group.throughput(Throughput::Elements(64));
         group.bench_function("set_batch_64", |b| {
             b.iter(|| {

@@ -287,6 +287,27 @@ impl FileStore {
         }
     }
 
+    /// Makes room for a record of `len` bytes and says where it will go; `write` puts it
+    /// there, with nothing appended in between.
+    fn reserve(&mut self, len: usize, value_len: usize) -> Result<Loc, StoreError> {
+        self.make_room(len)?;
+        Ok(Loc {
+            seg: self.active,
+            offset: self.segments[&self.active].len,
+            len: len as u32,
+            value_len: value_len as u32,
+        })
+    }
+
+    /// Writes the record reserved at `loc`.
+    fn write(&mut self, loc: Loc, fill: impl FnOnce(&mut [u8])) {
+        let seg = self.segments.get_mut(&loc.seg).expect("active segment");
+        let offset = seg.append(loc.len as usize, fill);
+        debug_assert_eq!(offset, loc.offset);
+        seg.prefault(&self.prefaulter);
+        self.sync.note_write();
+    }
+
     /// Appends a record; nothing changes if it fails.
     fn append(
         &mut self,
@@ -297,36 +318,18 @@ impl FileStore {
         item: &str,
         value: &str,
     ) -> Result<Loc, StoreError> {
-        let len = record::encoded_len(stream.len(), group.len(), item.len(), value.len())
-            .map_err(|e| StoreError(e.0))?;
-        self.make_room(len)?;
-        let seg = self.segments.get_mut(&self.active).expect("active segment");
-        let offset = seg.append(len, |dst| {
+        let loc = self.reserve(record_len(stream, group, item, value)?, value.len())?;
+        self.write(loc, |dst| {
             record::encode_into(dst, kind, seq, stream, group, item, value)
         });
-        seg.prefault(&self.prefaulter);
-        self.sync.note_write();
-        Ok(Loc {
-            seg: self.active,
-            offset,
-            len: len as u32,
-            value_len: value.len() as u32,
-        })
+        Ok(loc)
     }
 
     /// Appends an already encoded record (compaction copies them verbatim, `seq` included).
     fn append_raw(&mut self, raw: &[u8], value_len: usize) -> Result<Loc, StoreError> {
-        self.make_room(raw.len())?;
-        let seg = self.segments.get_mut(&self.active).expect("active segment");
-        let offset = seg.append(raw.len(), |dst| dst.copy_from_slice(raw));
-        seg.prefault(&self.prefaulter);
-        self.sync.note_write();
-        Ok(Loc {
-            seg: self.active,
-            offset,
-            len: raw.len() as u32,
-            value_len: value_len as u32,
-        })
+        let loc = self.reserve(raw.len(), value_len)?;
+        self.write(loc, |dst| dst.copy_from_slice(raw));
+        Ok(loc)
     }
 
     fn make_room(&mut self, len: usize) -> Result<(), StoreError> {
@@ -394,6 +397,11 @@ impl FileStore {
     }
 }
 
+/// Encoded length of a record, or why it cannot be stored.
+fn record_len(stream: &str, group: &str, item: &str, value: &str) -> Result<usize, StoreError> {
+    record::encoded_len(stream.len(), group.len(), item.len(), value.len()).map_err(|e| StoreError(e.0))
+}
+
 impl KvStore for FileStore {
     fn get(&self, stream: &str, group: &str, item: &str) -> Option<Json> {
         self.index.get(stream, group, item).map(|e| self.read(e.loc))
@@ -406,14 +414,21 @@ impl KvStore for FileStore {
         item: &str,
         value: Json,
     ) -> Result<Option<Json>, StoreError> {
-        let existing = self.index.get(stream, group, item).copied();
+        let loc = self.reserve(record_len(stream, group, item, &value)?, value.len())?;
+        // The record's place is known before it is written: one index lookup serves both.
+        let existing = self.index.get_mut(stream, group, item).map(|entry| {
+            let old = *entry;
+            entry.loc = loc;
+            old
+        });
         let seq = existing.map_or(self.next_seq, |e| e.seq);
-        let loc = self.append(Kind::Set, seq, stream, group, item, &value)?;
+        self.write(loc, |dst| {
+            record::encode_into(dst, Kind::Set, seq, stream, group, item, &value)
+        });
         self.add_live(loc);
         match existing {
             Some(old) => {
                 let previous = self.read(old.loc);
-                self.index.get_mut(stream, group, item).expect("present").loc = loc;
                 self.kill(old.loc);
                 Ok(Some(previous))
             }
