@@ -5,15 +5,12 @@
 //! Emptied groups and streams are dropped at once, so listings only ever show groups that hold
 //! items (the reference kv adapter keeps emptied groups listed until restart).
 
-use std::collections::HashMap;
 use std::mem;
 
-use indexmap::IndexMap;
-
-use crate::{Json, KvStore, StoreError};
+use crate::{HashMap, Items, Json, KvStore, StoreError};
 
 /// Items of one group in insertion order of their first write.
-type Group = IndexMap<String, Json>;
+type Group = Items<Json>;
 
 /// An in-memory [`KvStore`]; nothing survives the process.
 #[derive(Debug, Default)]
@@ -34,11 +31,11 @@ impl MemoryStore {
     /// writes to existing groups do not allocate.
     fn group_mut_or_create(&mut self, stream: &str, group: &str) -> &mut Group {
         if !self.streams.contains_key(stream) {
-            self.streams.insert(stream.to_owned(), HashMap::new());
+            self.streams.insert(stream.to_owned(), HashMap::default());
         }
         let groups = self.streams.get_mut(stream).expect("stream just ensured");
         if !groups.contains_key(group) {
-            groups.insert(group.to_owned(), Group::new());
+            groups.insert(group.to_owned(), Group::default());
         }
         groups.get_mut(group).expect("group just ensured")
     }

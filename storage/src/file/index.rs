@@ -10,9 +10,8 @@
 //! lowest segment that may still hold a `set` of the item; a tombstone in segment `t` is needed
 //! while any segment in `oldest..t` exists. Needed tombstones count as live bytes.
 
-use std::collections::HashMap;
 
-use indexmap::IndexMap;
+use crate::{HashMap, Items};
 
 /// Where a record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +45,7 @@ pub struct Tomb {
     pub oldest: u32,
 }
 
-type Group = IndexMap<String, Entry>;
+type Group = Items<Entry>;
 
 #[derive(Default)]
 pub struct Index {
@@ -76,11 +75,11 @@ impl Index {
     /// Adds an item at the end of its group (the caller checked it is absent).
     pub fn insert(&mut self, stream: &str, group: &str, item: &str, entry: Entry) {
         if !self.streams.contains_key(stream) {
-            self.streams.insert(stream.to_owned(), HashMap::new());
+            self.streams.insert(stream.to_owned(), HashMap::default());
         }
         let groups = self.streams.get_mut(stream).expect("stream just ensured");
         if !groups.contains_key(group) {
-            groups.insert(group.to_owned(), Group::new());
+            groups.insert(group.to_owned(), Group::default());
         }
         let items = groups.get_mut(group).expect("group just ensured");
         items.insert(item.to_owned(), entry);
