@@ -39,9 +39,11 @@ start ""
 echo -n "fanout max (1000 subs, 1 group, 128 B, 64 in flight): "
 $LT fanout --subscribers 1000 --payload 128 --inflight 64 --duration 5 --server-pid $PID --json 2>/dev/null \
   | field deliveries_per_s loss delivery_latency_p99_us server_rss_end_mb server_cpu_cores
+# Latency comes from kernel receive timestamps; at idle priority the harness only uses CPU time
+# the engine leaves, as a separate client machine would.
 echo -n "fanout 100 sets/s (100k deliveries/s): "
-$LT fanout --subscribers 1000 --payload 128 --rate 100 --duration 5 --server-pid $PID --json 2>/dev/null \
-  | field deliveries_per_s loss delivery_latency_p50_us delivery_latency_p99_us
+$LT fanout --idle-priority --subscribers 1000 --payload 128 --rate 100 --duration 5 --server-pid $PID --json 2>/dev/null \
+  | field deliveries_per_s loss delivery_latency_p50_us delivery_latency_p90_us delivery_latency_p99_us
 echo -n "stream::set over 64 groups, 1 subscriber (64 in flight): "
 $LT fanout --subscribers 1 --groups 64 --payload 128 --inflight 64 --duration 5 --json 2>/dev/null | field sets_per_s set_ack_latency_p50_us loss
 echo -n "rpc (64 in flight): "

@@ -68,6 +68,11 @@ struct Common {
     /// Write the latency distribution as an SVG file (fanout, rpc)
     #[arg(long, global = true)]
     plot: Option<PathBuf>,
+    /// Run the harness at idle CPU priority (SCHED_IDLE), so that on a host it shares with the
+    /// engine it only uses CPU time the engine leaves. Fan-out latency comes from kernel receive
+    /// timestamps, so the harness's own delay does not enter it
+    #[arg(long, global = true)]
+    idle_priority: bool,
 }
 
 #[derive(Subcommand)]
@@ -176,6 +181,12 @@ fn main() -> ExitCode {
     if c.threads == 0 || !(c.duration > 0.0 && c.duration <= 86_400.0) {
         eprintln!("error: --threads must be ≥ 1 and --duration in (0, 86400]");
         return ExitCode::from(2);
+    }
+    if c.idle_priority {
+        if let Err(e) = sys::idle_priority() {
+            eprintln!("error: --idle-priority: {e}");
+            return ExitCode::from(2);
+        }
     }
     let res = match &cli.cmd {
         Cmd::Fanout {

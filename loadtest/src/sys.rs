@@ -34,6 +34,17 @@ pub fn from_realtime(ns: u64) -> u64 {
     ns.saturating_sub(offset)
 }
 
+/// Moves the whole harness (threads started later inherit it) to SCHED_IDLE.
+pub fn idle_priority() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on this process with a valid parameter block.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Asks the kernel to stamp every packet this socket receives (`SO_TIMESTAMPNS`).
 pub fn enable_rx_timestamps(fd: RawFd) -> io::Result<()> {
     let on: libc::c_int = 1;
