@@ -8,8 +8,11 @@
 //! mapped read-only.
 //!
 //! Safety of the mappings: the store owns its directory; files are changed only through this
-//! module, and a file is never shortened below the range of a live mapping of it (`seal` maps the
-//! shorter range before truncating, recovery drops its map before truncating).
+//! module, and a file is never shortened below the range of a live mapping that is read or
+//! written (`seal` maps the shorter range before truncating, recovery drops its map before
+//! truncating). The prefault helper may still hold the old read-write mapping of a just-sealed
+//! segment, but it only passes it to `madvise`, which fails with EFAULT past the end of the file
+//! instead of raising SIGBUS.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
