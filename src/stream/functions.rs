@@ -89,7 +89,7 @@ struct UpdateInput {
 
 macro_rules! decode {
     ($id:expr, $data:expr) => {
-        match input($id, $data.clone()) {
+        match input($id, $data) {
             Ok(v) => v,
             Err(e) => return BuiltinReply::Now(Err(e)),
         }
@@ -100,8 +100,11 @@ fn service(engine: &Engine) -> Rc<StreamService> {
     engine.streams.clone().expect("stream functions are installed only with the stream module")
 }
 
-/// The custom function that replaces the built-in storage of `op` for `stream`, if registered.
-fn override_of(engine: &Engine, op: &str, stream: &str) -> Option<String> {
+/// The custom function that replaces the built-in storage of `op` for the stream named in
+/// `data`, if registered. Looked up before decoding, so that without one the input is decoded
+/// by move, not copied.
+fn override_for(engine: &Engine, op: &str, data: &Value) -> Option<String> {
+    let stream = data.get("stream_name")?.as_str()?;
     let id = format!("stream::{op}({stream})");
     engine.functions.get(DEFAULT_NS, &id).map(|_| id)
 }
@@ -140,46 +143,51 @@ fn finish(weak: &Weak<RefCell<Engine>>, key: GroupKey, reply: StoreReply) -> Out
 }
 
 fn stream_set(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let i: SetInput = decode!("stream::set", data);
-    if let Some(custom) = override_of(engine, "set", &i.stream_name) {
+    if let Some(custom) = override_for(engine, "set", &data) {
+        let i: SetInput = decode!("stream::set", data.clone());
         return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_SET_ERROR"));
     }
+    let i: SetInput = decode!("stream::set", data);
     route(engine, (i.stream_name, i.group_id), StoreOp::Set { item: i.item_id, data: i.data }, "STREAM_SET_ERROR")
 }
 
 fn stream_get(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let i: ItemInput = decode!("stream::get", data);
-    if let Some(custom) = override_of(engine, "get", &i.stream_name) {
+    if let Some(custom) = override_for(engine, "get", &data) {
+        let _: ItemInput = decode!("stream::get", data.clone());
         return passthrough(engine, &custom, data);
     }
+    let i: ItemInput = decode!("stream::get", data);
     route(engine, (i.stream_name, i.group_id), StoreOp::Get { item: i.item_id }, "STREAM_GET_ERROR")
 }
 
 fn stream_delete(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let i: ItemInput = decode!("stream::delete", data);
-    if let Some(custom) = override_of(engine, "delete", &i.stream_name) {
+    if let Some(custom) = override_for(engine, "delete", &data) {
+        let i: ItemInput = decode!("stream::delete", data.clone());
         return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Delete);
     }
+    let i: ItemInput = decode!("stream::delete", data);
     route(engine, (i.stream_name, i.group_id), StoreOp::Delete { item: i.item_id }, "STREAM_DELETE_ERROR")
 }
 
 fn stream_list(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let i: GroupInput = decode!("stream::list", data);
-    if let Some(custom) = override_of(engine, "list", &i.stream_name) {
+    if let Some(custom) = override_for(engine, "list", &data) {
+        let _: GroupInput = decode!("stream::list", data.clone());
         return passthrough(engine, &custom, data);
     }
+    let i: GroupInput = decode!("stream::list", data);
     route(engine, (i.stream_name, i.group_id), StoreOp::List, "STREAM_GET_GROUP_ERROR")
 }
 
 fn stream_update(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let i: UpdateInput = decode!("stream::update", data);
+    let custom = override_for(engine, "update", &data);
+    let i: UpdateInput = decode!("stream::update", data.clone());
     let ops = match ringcast_storage::update_ops::parse_ops(&i.ops) {
         Ok(ops) => ops,
         Err(e) => {
             return now(Err(ErrorBody::new("deserialization_error", format!("Failed to deserialize input for stream::update: {e}"))))
         }
     };
-    if let Some(custom) = override_of(engine, "update", &i.stream_name) {
+    if let Some(custom) = custom {
         return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_UPDATE_ERROR"));
     }
     route(engine, (i.stream_name, i.group_id), StoreOp::Update { item: i.item_id, ops }, "STREAM_UPDATE_ERROR")
@@ -192,10 +200,11 @@ fn stream_send(engine: &mut Engine, data: Value) -> BuiltinReply {
 }
 
 fn stream_list_groups(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let i: StreamInput = decode!("stream::list_groups", data);
-    if let Some(custom) = override_of(engine, "list_groups", &i.stream_name) {
+    if let Some(custom) = override_for(engine, "list_groups", &data) {
+        let _: StreamInput = decode!("stream::list_groups", data.clone());
         return passthrough(engine, &custom, data);
     }
+    let i: StreamInput = decode!("stream::list_groups", data);
     let receivers: Vec<_> = service(engine)
         .shards
         .iter()
