@@ -48,6 +48,8 @@ impl Metrics {
 
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
+        /// Picks one counter out of a shard's metrics.
+        type ShardField = fn(&ShardMetrics) -> &AtomicU64;
         let mut out = String::new();
         let c = &self.control;
         for (name, help, kind, value) in [
@@ -57,7 +59,7 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
         }
-        let per_shard: [(&str, &str, &str, fn(&ShardMetrics) -> &AtomicU64); 6] = [
+        let per_shard: [(&str, &str, &str, ShardField); 6] = [
             ("ringcast_subscribers", "Subscriber connections", "gauge", |s| &s.subscribers),
             ("ringcast_subscriptions", "Active subscriptions", "gauge", |s| &s.subscriptions),
             ("ringcast_events_total", "Events published by owned groups", "counter", |s| &s.events_total),
