@@ -195,7 +195,11 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let control_flag = shutdown.clone();
     let control_metrics = metrics.clone();
     let streams = config.stream.as_ref().map(|_| (StreamService { shards: shard_senders.clone() }, control_requests_rx));
-    let control = runtime::spawn_pinned("ringcast-control", plan.control_cpu, io_memory, move || {
+    let spin_on = |cpu: usize| {
+        let micros = if plan.is_shared(cpu) { 0 } else { cli.spin_us };
+        std::time::Duration::from_micros(micros)
+    };
+    let control = runtime::spawn_pinned("ringcast-control", plan.control_cpu, io_memory, spin_on(plan.control_cpu), move || {
         control::run(worker_fd, control_config, streams, control_metrics, control_flag)
     })
     .map_err(StartError)?;
@@ -209,7 +213,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         let ctx_peers = shard_senders.clone();
         let control_tx = control_requests_tx.clone();
         let metrics = metrics.clone();
-        let handle = runtime::spawn_pinned(&format!("ringcast-shard-{index}"), *cpu, io_memory, move || async move {
+        let handle = runtime::spawn_pinned(&format!("ringcast-shard-{index}"), *cpu, io_memory, spin_on(*cpu), move || async move {
             match (stream_config, listener) {
                 (Some(config), Some(listener)) => {
                     let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config, metrics };
@@ -237,8 +241,12 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         control_cpu = plan.control_cpu,
         shard_cpus = ?plan.shard_cpus,
         io_memory_kib = io_memory / 1024,
+        spin_us = cli.spin_us,
         "ringcast ready: workers on ws://{worker_addr}/"
     );
+    if plan.is_shared(plan.control_cpu) {
+        tracing::info!("the control core's CPU also runs a shard: both sleep as soon as they are idle instead of polling (--spin-us)");
+    }
 
     let _ = control.join();
     for shard in shards {

@@ -26,6 +26,12 @@ pub struct Cli {
     #[arg(long, value_name = "K")]
     pub control_core: Option<usize>,
 
+    /// How long an idle core keeps polling before it sleeps in the kernel, in microseconds.
+    /// Work arriving within the window is served without a wake-up; raise it where waking a
+    /// sleeping CPU is slow (virtual machines), at the cost of that much busy CPU per idle spell.
+    #[arg(long, value_name = "MICROS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub spin_us: u64,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -65,6 +65,13 @@ impl CorePlan {
     pub fn executor_count(&self) -> usize {
         1 + self.shard_cpus.len()
     }
+
+    /// Whether more than one executor runs on `cpu`. Such executors should not spin when idle:
+    /// polling would only hold the CPU from the neighbour that has work.
+    pub fn is_shared(&self, cpu: usize) -> bool {
+        let on_cpu = usize::from(self.control_cpu == cpu) + self.shard_cpus.iter().filter(|&&c| c == cpu).count();
+        on_cpu > 1
+    }
 }
 
 /// Why the locked-memory budget does not allow the executors to start.
@@ -121,15 +128,14 @@ pub fn memlock_limit() -> Option<u64> {
     Some(rlim.rlim_cur)
 }
 
-/// An idle executor polls this long before it sleeps in the kernel: a request arriving within
-/// the window is served without a wake-up (tens of microseconds saved per hop).
-pub const SPIN_BEFORE_PARK: std::time::Duration = std::time::Duration::from_micros(50);
-
-/// Starts a pinned executor on its own thread running `fut_gen()`.
+/// Starts a pinned executor on its own thread running `fut_gen()`. When idle it polls for
+/// `spin` before it sleeps in the kernel: work arriving within that window is served without a
+/// wake-up (tens of microseconds saved per hop).
 pub fn spawn_pinned<G, F, T>(
     name: &str,
     cpu: usize,
     io_memory: usize,
+    spin: std::time::Duration,
     fut_gen: G,
 ) -> Result<glommio::ExecutorJoinHandle<T>, String>
 where
@@ -140,7 +146,7 @@ where
     LocalExecutorBuilder::new(Placement::Fixed(cpu))
         .name(name)
         .io_memory(io_memory)
-        .spin_before_park(SPIN_BEFORE_PARK)
+        .spin_before_park(spin)
         .spawn(fut_gen)
         .map_err(|e| {
             format!(
@@ -159,6 +165,15 @@ mod tests {
     fn default_plan_uses_remaining_cores() {
         let plan = CorePlan::new(&[0, 1, 2, 3], None, None).unwrap();
         assert_eq!(plan, CorePlan { control_cpu: 0, shard_cpus: vec![1, 2, 3] });
+    }
+
+    #[test]
+    fn executors_sharing_a_cpu_are_told_apart() {
+        let plan = CorePlan::new(&[0, 1], Some(2), None).unwrap();
+        assert_eq!(plan, CorePlan { control_cpu: 0, shard_cpus: vec![1, 0] });
+        assert!(plan.is_shared(0));
+        assert!(!plan.is_shared(1));
+        assert!(!CorePlan::new(&[0, 1], Some(1), None).unwrap().is_shared(0));
     }
 
     #[test]
