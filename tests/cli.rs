@@ -19,7 +19,7 @@ fn help_explains_every_flag() {
     let dir = scratch_dir();
     let (code, out, _) = run(&["--help"], &dir);
     assert_eq!(code, 0);
-    for flag in ["--config", "--shards", "--control-core", "check-config", "RUST_LOG"] {
+    for flag in ["--config", "--shards", "--control-core", "--spin-us", "check-config", "RUST_LOG"] {
         assert!(out.contains(flag), "--help does not mention {flag}:\n{out}");
     }
 }
@@ -80,6 +80,9 @@ fn bad_core_placement_exits_2() {
     let (code, _, err) = run(&["--shards", "0"], &dir);
     assert_eq!(code, 2);
     assert!(err.contains("--shards"), "{err}");
+    let (code, _, err) = run(&["--spin-us", "2000000"], &dir);
+    assert_eq!(code, 2);
+    assert!(err.contains("--spin-us"), "{err}");
 }
 
 #[test]
