@@ -94,6 +94,10 @@ pub struct Shard {
     /// Subscriber side: subscriptions of this shard's connections, per group.
     local: HashMap<GroupKey, Vec<LocalSub>>,
     pub conns: HashMap<ConnId, Conn>,
+    /// Connections given frames quietly since the last flush (see `OutQueue::flush`).
+    unflushed: Vec<ConnId>,
+    /// The flusher task, parked while `unflushed` is empty.
+    flusher: Option<std::task::Waker>,
     next_conn: ConnId,
     next_join: u64,
 }
@@ -133,6 +137,8 @@ impl Shard {
             interest: HashMap::new(),
             local: HashMap::new(),
             conns: HashMap::new(),
+            unflushed: Vec::new(),
+            flusher: None,
             next_conn: 1,
             next_join: 1,
         }
@@ -368,14 +374,22 @@ impl Shard {
                 continue;
             }
             if let Some(conn) = self.conns.get(&sub.conn) {
-                match conn.queue.push(frame.clone()) {
-                    Push::Queued => delivered += 1,
+                match conn.queue.push_quiet(frame.clone()) {
+                    Push::Queued => {
+                        delivered += 1;
+                        self.unflushed.push(sub.conn);
+                    }
                     Push::Overflow => slow.push(sub.conn),
                     Push::Closed => {}
                 }
             }
         }
         self.ctx.counters().deliveries_total.fetch_add(delivered, Ordering::Relaxed);
+        if delivered > 0 {
+            if let Some(flusher) = self.flusher.take() {
+                flusher.wake();
+            }
+        }
         for conn in slow {
             self.close_slow(conn);
         }
@@ -621,6 +635,35 @@ pub async fn run(
         })
         .detach();
     }
+
+    // Writes what fan-out queued, once the burst that queued it is over (the inbox task yields
+    // only when its inbox is empty or its time slice ends), so frames still coalesce under load.
+    let flusher = Rc::downgrade(&shard);
+    glommio::spawn_local(async move {
+        let mut scratch = Vec::new();
+        let mut batch = Vec::new();
+        loop {
+            let ready = std::future::poll_fn(|cx| {
+                let Some(shard) = flusher.upgrade() else { return std::task::Poll::Ready(false) };
+                let mut shard = shard.borrow_mut();
+                if shard.unflushed.is_empty() {
+                    shard.flusher = Some(cx.waker().clone());
+                    return std::task::Poll::Pending;
+                }
+                std::mem::swap(&mut shard.unflushed, &mut batch);
+                std::task::Poll::Ready(true)
+            })
+            .await;
+            let Some(shard) = flusher.upgrade().filter(|_| ready) else { return };
+            let shard = shard.borrow();
+            for conn in batch.drain(..) {
+                if let Some(c) = shard.conns.get(&conn) {
+                    c.queue.flush(c.fd, &mut scratch);
+                }
+            }
+        }
+    })
+    .detach();
 
     let inbox_shard = shard.clone();
     let loads = shard.borrow().ctx.metrics.queued_bytes.clone();
