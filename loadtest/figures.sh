@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every performance figure quoted in README.md and tuning.md against a fresh ringcast on
-# loopback, harness and engine sharing this machine. Usage: loadtest/figures.sh [shards]
+# loopback, harness and engine sharing this machine.
+# Usage: loadtest/figures.sh [shards [engine flags…]], e.g. loadtest/figures.sh 2 --spin-us 20000
 # Prints one line per figure; every run is bounded (about 2 minutes in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,7 @@ cargo build --release -q -p ringcast -p ringcast-loadtest
 ENGINE=target/release/ringcast
 LT=target/release/ringcast-loadtest
 SHARDS=${1:-1}
+ENGINE_FLAGS=("${@:2}")
 DIR=$(mktemp -d)
 trap 'kill $PID 2>/dev/null || true; rm -rf "$DIR"' EXIT
 
@@ -23,7 +25,7 @@ workers:
       port: 3112
 $1
 YAML
-  $ENGINE --config "$DIR/config.yaml" --shards "$SHARDS" 2>"$DIR/engine.log" &
+  $ENGINE --config "$DIR/config.yaml" --shards "$SHARDS" "${ENGINE_FLAGS[@]}" 2>"$DIR/engine.log" &
   PID=$!
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/3112) 2>/dev/null && return; sleep 0.05; done
   echo "engine did not start"; cat "$DIR/engine.log"; exit 1
@@ -31,7 +33,7 @@ YAML
 stop() { kill -INT $PID; wait $PID || true; }
 field() { python3 -c "import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(' '.join(f'{k}={d[k]}' for k in sys.argv[1:] if k in d))" "$@"; }
 
-echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB; shards: $SHARDS"
+echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB; shards: $SHARDS; engine flags: ${ENGINE_FLAGS[*]:-none}"
 echo -n "limit (bare writer, 1000 sockets, 64 frames/write): "
 $LT limit --subscribers 1000 --payload 128 --duration 5 --json 2>/dev/null | field deliveries_per_s
 
