@@ -122,7 +122,9 @@ pub struct Applied {
 impl Shard {
     pub fn new(ctx: ShardContext, store: ShardStore, durability: Durability) -> Self {
         let syncer = match durability {
-            Durability::Batch => store.flush_handle().map(|h| Rc::new(Syncer::start(h, ctx.index))),
+            // `always` uses the sync thread too, without gathering: the shard keeps serving other
+            // groups while the disk works, instead of blocking in fdatasync for every write.
+            Durability::Batch | Durability::Always => store.flush_handle().map(|h| Rc::new(Syncer::start(h, ctx.index))),
             _ => None,
         };
         Shard {
@@ -257,12 +259,7 @@ impl Shard {
 
     /// Answers a storage operation once it is as durable as configured, publishing its event
     /// at the same moment: subscribers never see a write a crash could take back.
-    fn acknowledge(&mut self, key: GroupKey, mut applied: Applied, reply: oneshot::Sender<StoreReply>) {
-        if applied.wrote && self.durability == Durability::Always {
-            if let Err(e) = self.store.sync() {
-                applied = not_durable(applied, &e);
-            }
-        }
+    fn acknowledge(&mut self, key: GroupKey, applied: Applied, reply: oneshot::Sender<StoreReply>) {
         if applied.wrote && self.syncer.is_some() {
             self.uncommitted.push((key, applied, reply));
             self.schedule_commit();
@@ -286,7 +283,10 @@ impl Shard {
         }
         self.committing = true;
         let shard = self.self_ref.clone();
-        let gather_limit = Duration::from_micros(self.ctx.config.kv().map(|kv| kv.batch_max_delay_us).unwrap_or(0));
+        let gather_limit = match self.durability {
+            Durability::Batch => Duration::from_micros(self.ctx.config.kv().map(|kv| kv.batch_max_delay_us).unwrap_or(0)),
+            _ => Duration::ZERO,
+        };
         crate::control::engine::spawn_deferred(async move {
             // Let the writes already in the inbox join this commit: keep yielding while more
             // arrive, for at most `batch_max_delay_us`.
