@@ -50,14 +50,6 @@ impl ShardStore {
         }
     }
 
-    /// Makes every write so far durable (a no-op in memory).
-    pub fn sync(&mut self) -> std::io::Result<()> {
-        match self {
-            ShardStore::Memory(_) => Ok(()),
-            ShardStore::File(s) => s.sync(),
-        }
-    }
-
     /// A handle that syncs from another thread, for group commit.
     pub fn flush_handle(&self) -> Option<FlushHandle> {
         match self {
