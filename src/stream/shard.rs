@@ -88,6 +88,8 @@ pub struct Shard {
     committing: bool,
     /// Joins that must see only committed data; served when no commit is outstanding.
     deferred_joins: Vec<(usize, ConnId, u64, GroupKey, Option<String>)>,
+    /// The inbox task, holding writes back until the deferred joins are served.
+    joins_waker: Option<std::task::Waker>,
     self_ref: std::rc::Weak<RefCell<Shard>>,
     /// Owner side: per owned group, how many subscriptions each shard holds.
     interest: HashMap<GroupKey, HashMap<usize, usize>>,
@@ -135,6 +137,7 @@ impl Shard {
             uncommitted: Vec::new(),
             committing: false,
             deferred_joins: Vec::new(),
+            joins_waker: None,
             self_ref: std::rc::Weak::new(),
             interest: HashMap::new(),
             local: HashMap::new(),
@@ -327,14 +330,25 @@ impl Shard {
         });
     }
 
-    /// Whether joins must wait (a commit is outstanding).
-    pub fn joins_waiting(&self) -> bool {
-        !self.deferred_joins.is_empty()
+    /// Resolves once no join is waiting for a commit, so writes cannot starve a join.
+    async fn joins_served(shard: &Rc<RefCell<Shard>>) {
+        std::future::poll_fn(|cx| {
+            let mut s = shard.borrow_mut();
+            if s.deferred_joins.is_empty() {
+                return std::task::Poll::Ready(());
+            }
+            s.joins_waker = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
     }
 
     fn serve_deferred_joins(&mut self) {
         for (from_shard, conn, join_id, key, item) in std::mem::take(&mut self.deferred_joins) {
             self.join_at_owner(from_shard, conn, join_id, key, item);
+        }
+        if let Some(waker) = self.joins_waker.take() {
+            waker.wake();
         }
     }
 
@@ -673,9 +687,7 @@ pub async fn run(
             if matches!(msg, ShardMsg::Store { .. }) {
                 wait_for_writers(&loads).await;
                 // A waiting join goes first, so writes cannot starve it.
-                while inbox_shard.borrow().joins_waiting() {
-                    glommio::timer::sleep(Duration::from_micros(50)).await;
-                }
+                Shard::joins_served(&inbox_shard).await;
             }
             inbox_shard.borrow_mut().handle(msg);
         }
