@@ -106,27 +106,30 @@ impl OutQueue {
         if !std::mem::take(&mut state.flush_due) || state.frames.is_empty() || state.waker.is_none() {
             return;
         }
-        let data: &[u8] = if state.frames.len() == 1 {
-            &state.frames[0]
+        let sent = if state.frames.len() == 1 {
+            send_now(socket, &state.frames[0])
         } else {
             scratch.clear();
             for frame in &state.frames {
                 scratch.extend_from_slice(frame);
             }
-            scratch
+            send_now(socket, scratch)
         };
-        let sent = send_now(socket, data);
-        let left = data.len() - sent;
-        if left > 0 {
-            let rest = Bytes::copy_from_slice(&data[sent..]);
-            state.frames.clear();
-            state.frames.push_back(rest);
-        } else {
-            state.frames.clear();
+        state.bytes -= sent;
+        self.shard_total.fetch_sub(sent, Ordering::Relaxed);
+        // Drop what went out: whole frames, then the written head of the next (no copy).
+        let mut done = sent;
+        while done > 0 {
+            let front = state.frames.front_mut().expect("sent bytes were queued");
+            if front.len() <= done {
+                done -= front.len();
+                state.frames.pop_front();
+            } else {
+                *front = front.slice(done..);
+                done = 0;
+            }
         }
-        self.shard_total.fetch_sub(state.bytes - left, Ordering::Relaxed);
-        state.bytes = left;
-        if left > 0 {
+        if !state.frames.is_empty() {
             if let Some(waker) = state.waker.take() {
                 waker.wake();
             }
