@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::conn::new_hist;
+use crate::report::{count_error, snippet};
 use crate::runloop::Shared;
 use crate::sys::{self, ProcSnap};
 use crate::ws;
@@ -95,9 +96,8 @@ pub struct Caller {
     err_finder: Finder<'static>,
 }
 
-fn snippet(b: &[u8]) -> String {
-    String::from_utf8_lossy(&b[..b.len().min(400)]).into_owned()
-}
+/// Longest error text kept from a failed call.
+const ERROR_TEXT: usize = 400;
 
 impl Caller {
     pub fn new(kind: CallKind, cfg: CallerCfg, now: u64) -> Caller {
@@ -355,7 +355,7 @@ impl Caller {
                 if memchr::memmem::find(msg, b"function_not_found").is_some() {
                     self.probe_retry_at = now + 50_000_000;
                 } else {
-                    self.fail(format!("probe call failed: {}", snippet(msg)), shared);
+                    self.fail(format!("probe call failed: {}", snippet(msg, ERROR_TEXT)), shared);
                 }
             } else {
                 self.start_publish(now, shared);
@@ -364,10 +364,7 @@ impl Caller {
         }
         self.inflight = self.inflight.saturating_sub(1);
         if err {
-            self.errors += 1;
-            if self.first_error.is_none() {
-                self.first_error = Some(snippet(msg));
-            }
+            count_error(&mut self.errors, &mut self.first_error, msg, ERROR_TEXT);
             return;
         }
         self.acked += 1;

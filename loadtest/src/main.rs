@@ -479,7 +479,7 @@ fn server_rows(
         r.num("server_rss_end_mb", b.rss_kb as f64 / 1024.0, 1, "MiB");
         let cpu = b.cpu_secs - a.cpu_secs;
         r.num("server_cpu_s", cpu, 2, "s");
-        r.num("server_cpu_cores", cpu / secs.max(1e-9), 2, "cores");
+        r.rate("server_cpu_cores", cpu, secs, 2, "cores");
         if let Some((n, what)) = per {
             if n > 0 {
                 r.num(
@@ -598,12 +598,7 @@ fn fanout(c: &Common, a: FanoutArgs) -> Result<Report, String> {
     r.int("sets_acked", cl.acked);
     r.int("set_errors", cl.errors);
     r.int("sets_unanswered", cl.inflight);
-    r.num(
-        "sets_per_s",
-        cl.acked as f64 / pub_secs.max(1e-9),
-        0,
-        "sets/s",
-    );
+    r.rate("sets_per_s", cl.acked as f64, pub_secs, 0, "sets/s");
     r.int("expected_deliveries", cl.expected);
     r.int("received_deliveries", st.delivered);
     let loss = cl.expected as i64 - st.delivered as i64;
@@ -620,12 +615,7 @@ fn fanout(c: &Common, a: FanoutArgs) -> Result<Report, String> {
     );
     let dps = st.delivered as f64 / window.max(1e-9);
     r.num("deliveries_per_s", dps, 0, "frames/s");
-    r.num(
-        "rx_mb_per_s",
-        st.bytes_in as f64 / window.max(1e-9) / 1e6,
-        1,
-        "MB/s",
-    );
+    r.rate("rx_mb_per_s", st.bytes_in as f64 / 1e6, window, 1, "MB/s");
     if let Some(ceil) = a.ceiling {
         r.num(
             "ceiling_fraction",
@@ -638,7 +628,7 @@ fn fanout(c: &Common, a: FanoutArgs) -> Result<Report, String> {
     r.latency("set_ack_latency", &cl.ack_hist);
     let cpu = cl.cpu_end - cl.cpu_start;
     r.num("harness_cpu_s", cpu, 2, "s");
-    r.num("harness_cpu_cores", cpu / window.max(1e-9), 2, "cores");
+    r.rate("harness_cpu_cores", cpu, window, 2, "cores");
     per_unit_cpu(&mut r, "harness_cpu_ns_per_delivery", cpu, st.delivered, "ns");
     server_rows(
         &mut r,
@@ -744,12 +734,7 @@ fn rpc(
     r.int("calls_ok", cl.acked);
     r.int("call_errors", cl.errors);
     r.int("calls_unanswered", cl.inflight);
-    r.num(
-        "calls_per_s",
-        cl.acked as f64 / pub_secs.max(1e-9),
-        0,
-        "calls/s",
-    );
+    r.rate("calls_per_s", cl.acked as f64, pub_secs, 0, "calls/s");
     r.latency("call_latency", &cl.ack_hist);
     let cpu = cl.cpu_end - cl.cpu_start;
     r.num("harness_cpu_s", cpu, 2, "s");
@@ -885,12 +870,7 @@ fn connect(
     r.int("ready", ready);
     r.num("upgrade_s", (t1 - t0) as f64 / 1e9, 3, "s");
     r.num("ready_s", (t2 - t0) as f64 / 1e9, 3, "s");
-    r.num(
-        "connections_per_s",
-        ready as f64 / ((t2 - t0) as f64 / 1e9).max(1e-9),
-        0,
-        "conn/s (sequential upgrades)",
-    );
+    r.rate("connections_per_s", ready as f64, (t2 - t0) as f64 / 1e9, 0, "conn/s (sequential upgrades)");
     r.num(
         "harness_cpu_us_per_connection",
         (cpu1 - cpu0) * 1e6 / n as f64,
@@ -1058,24 +1038,9 @@ fn limit(c: &Common, n: usize, payload: usize) -> Result<Report, String> {
     r.int("writer_threads", 1);
     r.num("duration_s", secs, 2, "s");
     r.int("frames_received", frames);
-    r.num(
-        "deliveries_per_s",
-        frames as f64 / secs.max(1e-9),
-        0,
-        "frames/s",
-    );
-    r.num(
-        "rx_mb_per_s",
-        frames as f64 * frame.len() as f64 / secs.max(1e-9) / 1e6,
-        1,
-        "MB/s",
-    );
-    r.num(
-        "harness_cpu_cores",
-        cpu / secs.max(1e-9),
-        2,
-        "cores (writer + receivers)",
-    );
+    r.rate("deliveries_per_s", frames as f64, secs, 0, "frames/s");
+    r.rate("rx_mb_per_s", frames as f64 * frame.len() as f64 / 1e6, secs, 1, "MB/s");
+    r.rate("harness_cpu_cores", cpu, secs, 2, "cores (writer + receivers)");
     per_unit_cpu(&mut r, "harness_cpu_ns_per_delivery", cpu, frames, "ns (writer + receivers)");
     r.int("frames_written_total", written);
     r.int("frames_received_total", st.delivered);

@@ -11,6 +11,19 @@ pub struct Report {
     notes: Vec<String>,
 }
 
+/// The start of a message, at most `max` bytes, for error texts.
+pub fn snippet(b: &[u8], max: usize) -> String {
+    String::from_utf8_lossy(&b[..b.len().min(max)]).into_owned()
+}
+
+/// Counts a failed call and keeps the text of the first one for the report.
+pub fn count_error(errors: &mut u64, first: &mut Option<String>, msg: &[u8], max: usize) {
+    *errors += 1;
+    if first.is_none() {
+        *first = Some(snippet(msg, max));
+    }
+}
+
 impl Report {
     pub fn new(mode: &'static str) -> Report {
         Report {
@@ -39,6 +52,11 @@ impl Report {
             format!("{r:.decimals$} {unit}")
         };
         self.add(key, value, human);
+    }
+
+    /// `amount` per second over `secs` (guarded against a zero window).
+    pub fn rate(&mut self, key: &str, amount: f64, secs: f64, decimals: usize, unit: &str) {
+        self.num(key, amount / secs.max(1e-9), decimals, unit);
     }
 
     pub fn int(&mut self, key: &str, v: u64) {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::conn::{new_hist, Conn, Mode, Role, ThreadStats};
-use crate::report::{Progress, Report};
+use crate::report::{self, count_error, Progress, Report};
 use crate::sys::{self, now_ns, Epoll, Rng, EV_ERR, EV_ET, EV_IN, EV_OUT};
 use crate::ws::{self, WsUrl};
 use crate::{Common, HANDSHAKE_TIMEOUT, NS};
@@ -271,8 +271,11 @@ enum Parsed {
     Bad(String),
 }
 
+/// Longest frame or error text quoted in a violation or error.
+const QUOTE: usize = 200;
+
 fn snippet(b: &[u8]) -> String {
-    String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned()
+    report::snippet(b, QUOTE)
 }
 
 fn parse_frame(msg: &[u8], group: &str) -> Parsed {
@@ -400,10 +403,7 @@ impl Publisher {
         let err = a.error.is_some_and(|e| e.get().trim() != "null");
         if err {
             // resent with the same seq; counted, and reported
-            self.errors += 1;
-            if self.first_error.is_none() {
-                self.first_error = Some(snippet(msg));
-            }
+            count_error(&mut self.errors, &mut self.first_error, msg, QUOTE);
             return;
         }
         self.acked += 1;
@@ -859,23 +859,13 @@ pub fn soak(c: &Common, a: SoakArgs) -> Result<(Report, bool), String> {
     r.int("sets_sent", p.sent);
     r.int("sets_acked", p.acked);
     r.int("set_errors", p.errors);
-    r.num(
-        "sets_per_s",
-        p.acked as f64 / pub_secs.max(1e-9),
-        0,
-        "sets/s",
-    );
+    r.rate("sets_per_s", p.acked as f64, pub_secs, 0, "sets/s");
     r.latency("set_ack_latency", &p.ack_hist);
     r.int("joins", tot.joins);
     r.int("subscribers_served", tot.served);
     r.int("connect_errors", tot.connect_errors);
     r.int("frames_checked", tot.frames);
-    r.num(
-        "frames_per_s",
-        tot.frames as f64 / window.max(1e-9),
-        0,
-        "frames/s",
-    );
+    r.rate("frames_per_s", tot.frames as f64, window, 0, "frames/s");
     r.int("violations", v.total());
     r.int("gaps", v.gaps);
     r.int("missing_seqs", v.missing);

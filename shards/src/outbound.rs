@@ -72,14 +72,13 @@ impl OutQueue {
         pushed
     }
 
-    /// Queues a frame without waking the writer; the caller must `flush` the queue afterwards
-    /// (once per burst of pushes is enough).
-    pub fn push_quiet(&self, frame: Bytes) -> Push {
+    /// Queues a frame without waking the writer. The caller must `flush` the queue afterwards;
+    /// `true` says this push is the first since the last flush, so one flush per burst is asked
+    /// for, however many frames the burst queues.
+    pub fn push_quiet(&self, frame: Bytes) -> (Push, bool) {
         let pushed = self.enqueue(frame);
-        if pushed == Push::Queued {
-            self.state.borrow_mut().flush_due = true;
-        }
-        pushed
+        let first = pushed == Push::Queued && !std::mem::replace(&mut self.state.borrow_mut().flush_due, true);
+        (pushed, first)
     }
 
     fn enqueue(&self, frame: Bytes) -> Push {
@@ -264,7 +263,7 @@ mod tests {
         let mut scratch = Vec::new();
 
         // No writer parked yet: a flush leaves the frame to the writer.
-        assert_eq!(q.push_quiet(Bytes::from_static(b"early")), Push::Queued);
+        assert_eq!(q.push_quiet(Bytes::from_static(b"early")).0, Push::Queued);
         q.flush(ours.as_raw_fd(), &mut scratch);
         assert_eq!(q.queued_bytes(), 5);
 

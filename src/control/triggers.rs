@@ -316,7 +316,6 @@ impl Engine {
         self.reroute_bindings(id, None);
     }
 
-    /// Fires every binding of an engine-provided trigger type with `payload`.
     /// The live (not parked) bindings of `trigger_type`, in registration order.
     pub fn live_bindings(&self, trigger_type: &str) -> Vec<Binding> {
         let mut found: Vec<Binding> = self
@@ -329,6 +328,7 @@ impl Engine {
         found
     }
 
+    /// Fires every binding of an engine-provided trigger type with `payload`.
     pub fn fire_engine_trigger(&mut self, trigger_type: &str, payload: Value) {
         for b in self.live_bindings(trigger_type) {
             self.invoke(Call::internal(&b.namespace, &b.function_id, payload.clone(), b.metadata), Reply::Discard);

@@ -179,15 +179,16 @@ fn stream_list(engine: &mut Engine, data: Value) -> BuiltinReply {
 }
 
 fn stream_update(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let custom = override_for(engine, "update", &data);
-    let i: UpdateInput = decode!("stream::update", data.clone());
+    // The input is copied only when a custom function needs it whole.
+    let custom = override_for(engine, "update", &data).map(|id| (id, data.clone()));
+    let i: UpdateInput = decode!("stream::update", data);
     let ops = match ringcast_storage::update_ops::parse_ops(&i.ops) {
         Ok(ops) => ops,
         Err(e) => {
             return now(Err(ErrorBody::new("deserialization_error", format!("Failed to deserialize input for stream::update: {e}"))))
         }
     };
-    if let Some(custom) = custom {
+    if let Some((custom, data)) = custom {
         return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_UPDATE_ERROR"));
     }
     route(engine, (i.stream_name, i.group_id), StoreOp::Update { item: i.item_id, ops }, "STREAM_UPDATE_ERROR")

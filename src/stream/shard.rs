@@ -96,7 +96,7 @@ pub struct Shard {
     /// Subscriber side: subscriptions of this shard's connections, per group.
     local: HashMap<GroupKey, Vec<LocalSub>>,
     pub conns: HashMap<ConnId, Conn>,
-    /// Connections given frames quietly since the last flush (see `OutQueue::flush`).
+    /// Connections given frames quietly since their last flush, each once (see `OutQueue::flush`).
     unflushed: Vec<ConnId>,
     /// The flusher task, parked while `unflushed` is empty.
     flusher: Option<std::task::Waker>,
@@ -389,12 +389,14 @@ impl Shard {
             }
             if let Some(conn) = self.conns.get(&sub.conn) {
                 match conn.queue.push_quiet(frame.clone()) {
-                    Push::Queued => {
+                    (Push::Queued, first) => {
                         delivered += 1;
-                        self.unflushed.push(sub.conn);
+                        if first {
+                            self.unflushed.push(sub.conn);
+                        }
                     }
-                    Push::Overflow => slow.push(sub.conn),
-                    Push::Closed => {}
+                    (Push::Overflow, _) => slow.push(sub.conn),
+                    (Push::Closed, _) => {}
                 }
             }
         }

@@ -43,24 +43,52 @@ pub trait KvStore {
     fn list_streams(&self) -> Vec<(String, Vec<String>)>;
 }
 
-/// `stream -> group -> items`, as both stores index them.
 /// Hashing of the stores' maps: foldhash, several times faster than the standard SipHash on
 /// short names and still seeded per process.
 pub(crate) type Hashing = foldhash::fast::RandomState;
 pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, Hashing>;
 /// Items of one group, in insertion order.
 pub(crate) type Items<V> = indexmap::IndexMap<String, V, Hashing>;
-pub(crate) type Streams<G> = HashMap<String, HashMap<String, G>>;
+/// `stream -> group -> items`, as both stores index them.
+pub(crate) type Streams<V> = HashMap<String, HashMap<String, Items<V>>>;
+
+/// The items of a group, created (with its stream) if missing. Keys are only allocated on
+/// creation, so writes to existing groups do not allocate.
+pub(crate) fn group_mut_or_create<'a, V>(streams: &'a mut Streams<V>, stream: &str, group: &str) -> &'a mut Items<V> {
+    if !streams.contains_key(stream) {
+        streams.insert(stream.to_owned(), HashMap::default());
+    }
+    let groups = streams.get_mut(stream).expect("stream just ensured");
+    if !groups.contains_key(group) {
+        groups.insert(group.to_owned(), Items::default());
+    }
+    groups.get_mut(group).expect("group just ensured")
+}
+
+/// Removes an item, closing the gap (`shift_remove` keeps the others in order); emptied groups
+/// and streams go too, so listings only show groups that hold items.
+pub(crate) fn remove_item<V>(streams: &mut Streams<V>, stream: &str, group: &str, item: &str) -> Option<V> {
+    let groups = streams.get_mut(stream)?;
+    let items = groups.get_mut(group)?;
+    let removed = items.shift_remove(item);
+    if items.is_empty() {
+        groups.remove(group);
+        if groups.is_empty() {
+            streams.remove(stream);
+        }
+    }
+    removed
+}
 
 /// The groups of `stream`, sorted.
-pub(crate) fn sorted_groups<G>(streams: &Streams<G>, stream: &str) -> Vec<String> {
+pub(crate) fn sorted_groups<V>(streams: &Streams<V>, stream: &str) -> Vec<String> {
     let mut names: Vec<String> = streams.get(stream).map(|g| g.keys().cloned().collect()).unwrap_or_default();
     names.sort_unstable();
     names
 }
 
 /// Every stream with its groups, both sorted.
-pub(crate) fn sorted_streams<G>(streams: &Streams<G>) -> Vec<(String, Vec<String>)> {
+pub(crate) fn sorted_streams<V>(streams: &Streams<V>) -> Vec<(String, Vec<String>)> {
     let mut out: Vec<(String, Vec<String>)> =
         streams.keys().map(|name| (name.clone(), sorted_groups(streams, name))).collect();
     out.sort_unstable_by(|a, b| a.0.cmp(&b.0));

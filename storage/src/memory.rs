@@ -7,7 +7,7 @@
 
 use std::mem;
 
-use crate::{HashMap, Items, Json, KvStore, StoreError};
+use crate::{Items, Json, KvStore, StoreError, Streams};
 
 /// Items of one group in insertion order of their first write.
 type Group = Items<Json>;
@@ -15,7 +15,7 @@ type Group = Items<Json>;
 /// An in-memory [`KvStore`]; nothing survives the process.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    streams: HashMap<String, HashMap<String, Group>>,
+    streams: Streams<Json>,
 }
 
 impl MemoryStore {
@@ -27,18 +27,6 @@ impl MemoryStore {
         self.streams.get(stream)?.get(group)
     }
 
-    /// The group, created (with its stream) if missing. Keys are only allocated on creation, so
-    /// writes to existing groups do not allocate.
-    fn group_mut_or_create(&mut self, stream: &str, group: &str) -> &mut Group {
-        if !self.streams.contains_key(stream) {
-            self.streams.insert(stream.to_owned(), HashMap::default());
-        }
-        let groups = self.streams.get_mut(stream).expect("stream just ensured");
-        if !groups.contains_key(group) {
-            groups.insert(group.to_owned(), Group::default());
-        }
-        groups.get_mut(group).expect("group just ensured")
-    }
 }
 
 impl KvStore for MemoryStore {
@@ -53,7 +41,7 @@ impl KvStore for MemoryStore {
         item: &str,
         value: Json,
     ) -> Result<Option<Json>, StoreError> {
-        let items = self.group_mut_or_create(stream, group);
+        let items = crate::group_mut_or_create(&mut self.streams, stream, group);
         // Overwrite in place: keeps the item's list position and avoids allocating its key again.
         if let Some(slot) = items.get_mut(item) {
             return Ok(Some(mem::replace(slot, value)));
@@ -63,21 +51,7 @@ impl KvStore for MemoryStore {
     }
 
     fn delete(&mut self, stream: &str, group: &str, item: &str) -> Result<Option<Json>, StoreError> {
-        let Some(groups) = self.streams.get_mut(stream) else {
-            return Ok(None);
-        };
-        let Some(items) = groups.get_mut(group) else {
-            return Ok(None);
-        };
-        // shift_remove (not swap_remove) so the remaining items keep their order.
-        let removed = items.shift_remove(item);
-        if items.is_empty() {
-            groups.remove(group);
-            if groups.is_empty() {
-                self.streams.remove(stream);
-            }
-        }
-        Ok(removed)
+        Ok(crate::remove_item(&mut self.streams, stream, group, item))
     }
 
     fn list(&self, stream: &str, group: &str) -> Vec<Json> {

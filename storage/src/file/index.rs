@@ -10,8 +10,7 @@
 //! lowest segment that may still hold a `set` of the item; a tombstone in segment `t` is needed
 //! while any segment in `oldest..t` exists. Needed tombstones count as live bytes.
 
-
-use crate::{HashMap, Items};
+use crate::{HashMap, Items, Streams};
 
 /// Where a record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +48,7 @@ type Group = Items<Entry>;
 
 #[derive(Default)]
 pub struct Index {
-    streams: HashMap<String, HashMap<String, Group>>,
+    streams: Streams<Entry>,
     /// Keyed by `tomb_key`; only items that are absent from `streams`.
     tombs: HashMap<String, Tomb>,
 }
@@ -74,29 +73,12 @@ impl Index {
 
     /// Adds an item at the end of its group (the caller checked it is absent).
     pub fn insert(&mut self, stream: &str, group: &str, item: &str, entry: Entry) {
-        if !self.streams.contains_key(stream) {
-            self.streams.insert(stream.to_owned(), HashMap::default());
-        }
-        let groups = self.streams.get_mut(stream).expect("stream just ensured");
-        if !groups.contains_key(group) {
-            groups.insert(group.to_owned(), Group::default());
-        }
-        let items = groups.get_mut(group).expect("group just ensured");
-        items.insert(item.to_owned(), entry);
+        crate::group_mut_or_create(&mut self.streams, stream, group).insert(item.to_owned(), entry);
     }
 
     /// Removes an item, closing the gap; emptied groups and streams go too.
     pub fn remove(&mut self, stream: &str, group: &str, item: &str) -> Option<Entry> {
-        let groups = self.streams.get_mut(stream)?;
-        let items = groups.get_mut(group)?;
-        let removed = items.shift_remove(item);
-        if items.is_empty() {
-            groups.remove(group);
-            if groups.is_empty() {
-                self.streams.remove(stream);
-            }
-        }
-        removed
+        crate::remove_item(&mut self.streams, stream, group, item)
     }
 
     pub fn list_groups(&self, stream: &str) -> Vec<String> {
