@@ -53,7 +53,7 @@ $LT rpc --inflight 64 --duration 5 --server-pid $PID --json 2>/dev/null | field 
 echo -n "rpc (1 in flight): "
 $LT rpc --inflight 1 --duration 3 --json 2>/dev/null | field calls_per_s call_latency_p50_us call_latency_p99_us
 echo -n "connect 10000 idle subscribers: "
-$LT connect --subscribers 10000 --groups 10 --server-pid $PID --json 2>/dev/null | field ready server_rss_per_connection_kb connections_per_s
+$LT connect --subscribers 10000 --groups 10 --server-pid $PID --json 2>/dev/null | field ready server_rss_per_connection_kb server_rss_after_close_mb connections_per_s
 stop
 
 start "      adapter:

@@ -28,6 +28,8 @@ use ws::WsUrl;
 
 const NS: u64 = 1_000_000_000;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// When `connect` reads the engine's RSS after closing its connections.
+const AFTER_CLOSE: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(
@@ -847,8 +849,10 @@ fn connect(
     }
     drop(conns);
     let t4 = now_ns();
+    // Read the engine's RSS once it has let the connections go: closing ones keep their state
+    // for up to 2 s (the engine's close-flush limit) and freed memory goes back after that.
     let after_close = c.server_pid.and_then(|p| {
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(AFTER_CLOSE);
         sys::proc_snap(p)
     });
 
@@ -894,12 +898,7 @@ fn connect(
             "µs",
         );
         if let Some(ac) = after_close {
-            r.num(
-                "server_rss_after_close_mb",
-                ac.rss_kb as f64 / 1024.0,
-                1,
-                "MiB",
-            );
+            r.num("server_rss_after_close_mb", ac.rss_kb as f64 / 1024.0, 1, "MiB");
         }
     }
     if ready < n as u64 {
