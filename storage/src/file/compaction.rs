@@ -97,6 +97,12 @@ impl FileStore {
         copied: &mut u64,
     ) -> Result<(), StoreError> {
         let seg_len = self.segments[&cursor.seg].len;
+        if self.segments[&cursor.seg].usage.live == 0 {
+            // Nothing in it is referenced: no need to read it record by record.
+            *scanned += seg_len - cursor.offset;
+            cursor.offset = seg_len;
+            return Ok(());
+        }
         while cursor.offset < seg_len && *scanned < max_bytes {
             let here = |loc: &super::index::Loc| loc.seg == cursor.seg && loc.offset == cursor.offset;
             let seg = &self.segments[&cursor.seg];

@@ -231,13 +231,17 @@ impl FileStore {
 
     /// The value of the record at `loc`, copied out of the map.
     fn read(&self, loc: Loc) -> Json {
-        let seg = &self.segments[&loc.seg];
-        let bytes = &seg.bytes()[loc.value_range()];
-        // Always valid UTF-8: written from a `&str` or verified by the scan at open.
-        match std::str::from_utf8(bytes) {
-            Ok(text) => Json::from(text),
-            Err(_) => Json::from(String::from_utf8_lossy(bytes).as_ref()),
-        }
+        value_at(&self.segments[&loc.seg], loc)
+    }
+
+    /// The value of a record that a newer one (or a delete) replaces, read before it counts as
+    /// dead.
+    fn supersede(&mut self, loc: Loc) -> Json {
+        let seg = self.segments.get_mut(&loc.seg).expect("record in a known segment");
+        let value = value_at(seg, loc);
+        seg.usage.live -= u64::from(loc.len);
+        seg.usage.dead += u64::from(loc.len);
+        value
     }
 
     fn add_live(&mut self, loc: Loc) {
@@ -290,22 +294,30 @@ impl FileStore {
     /// Makes room for a record of `len` bytes and says where it will go; `write` puts it
     /// there, with nothing appended in between.
     fn reserve(&mut self, len: usize, value_len: usize) -> Result<Loc, StoreError> {
-        self.make_room(len)?;
+        let active = &self.segments[&self.active];
+        let offset = if active.room() >= len as u64 {
+            active.len
+        } else {
+            self.roll(len).map_err(|err| self.io_error(err))?;
+            0
+        };
         Ok(Loc {
             seg: self.active,
-            offset: self.segments[&self.active].len,
+            offset,
             len: len as u32,
             value_len: value_len as u32,
         })
     }
 
-    /// Writes the record reserved at `loc`.
-    fn write(&mut self, loc: Loc, fill: impl FnOnce(&mut [u8])) {
+    /// Writes the record reserved at `loc`; returns the byte counts of its segment, which the
+    /// caller updates.
+    fn write(&mut self, loc: Loc, fill: impl FnOnce(&mut [u8])) -> &mut segment::Usage {
         let seg = self.segments.get_mut(&loc.seg).expect("active segment");
         let offset = seg.append(loc.len as usize, fill);
         debug_assert_eq!(offset, loc.offset);
         seg.prefault(&self.prefaulter);
         self.sync.note_write();
+        &mut seg.usage
     }
 
     /// Appends a record; nothing changes if it fails.
@@ -330,13 +342,6 @@ impl FileStore {
         let loc = self.reserve(raw.len(), value_len)?;
         self.write(loc, |dst| dst.copy_from_slice(raw));
         Ok(loc)
-    }
-
-    fn make_room(&mut self, len: usize) -> Result<(), StoreError> {
-        if self.segments[&self.active].room() < len as u64 {
-            self.roll(len).map_err(|err| self.io_error(err))?;
-        }
-        Ok(())
     }
 
     /// Starts a new active segment big enough for `needed` bytes.
@@ -397,6 +402,16 @@ impl FileStore {
     }
 }
 
+/// The value of the record at `loc` of `seg`, copied out of the map.
+fn value_at(seg: &Segment, loc: Loc) -> Json {
+    let bytes = &seg.bytes()[loc.value_range()];
+    // Always valid UTF-8: written from a `&str` or verified by the scan at open, and the mapped
+    // bytes of a record never change afterwards (see `segment`).
+    debug_assert!(std::str::from_utf8(bytes).is_ok());
+    // SAFETY: as said above.
+    Json::from(unsafe { std::str::from_utf8_unchecked(bytes) })
+}
+
 /// Encoded length of a record, or why it cannot be stored.
 fn record_len(stream: &str, group: &str, item: &str, value: &str) -> Result<usize, StoreError> {
     record::encoded_len(stream.len(), group.len(), item.len(), value.len()).map_err(|e| StoreError(e.0))
@@ -424,14 +439,10 @@ impl KvStore for FileStore {
         let seq = existing.map_or(self.next_seq, |e| e.seq);
         self.write(loc, |dst| {
             record::encode_into(dst, Kind::Set, seq, stream, group, item, &value)
-        });
-        self.add_live(loc);
+        })
+        .live += u64::from(loc.len);
         match existing {
-            Some(old) => {
-                let previous = self.read(old.loc);
-                self.kill(old.loc);
-                Ok(Some(previous))
-            }
+            Some(old) => Ok(Some(self.supersede(old.loc))),
             None => {
                 self.next_seq += 1;
                 // Re-inserted after a delete: its old records are now hidden by this one.
@@ -453,9 +464,8 @@ impl KvStore for FileStore {
             return Ok(None);
         };
         let loc = self.append(Kind::Delete, 0, stream, group, item, "")?;
-        let previous = self.read(old.loc);
+        let previous = self.supersede(old.loc);
         self.index.remove(stream, group, item);
-        self.kill(old.loc);
         let mut tomb = Tomb {
             loc,
             oldest: old.oldest,

@@ -12,7 +12,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::record::{self, Decoded, RecordRef, MAGIC};
+use super::record::{self, Decoded, RecordRef};
 use super::recovery::{all_zero, Replay};
 use super::segment::{self, Segment};
 use super::{FileOptions, FileStore};
@@ -45,7 +45,7 @@ fn salvage(bytes: &[u8], report: &mut RepairReport, mut each: impl FnMut(u64, &R
         let next = bytes[offset + 1..]
             .iter()
             .enumerate()
-            .filter(|&(_, &b)| b == MAGIC)
+            .filter(|&(_, &b)| record::is_magic(b))
             .map(|(n, _)| offset + 1 + n)
             .find(|&o| matches!(record::decode(&bytes[o..]), Decoded::Record(_)))
             .unwrap_or(bytes.len());

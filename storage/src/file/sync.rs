@@ -37,9 +37,11 @@ impl Shared {
         })
     }
 
-    /// Called by the owner after a record is in the map.
+    /// Called by the owner after a record is in the map. Only the owner changes `written`, so
+    /// a plain store does (no locked read-modify-write on the write path).
     pub fn note_write(&self) {
-        self.written.fetch_add(1, Ordering::Release);
+        let n = self.written.load(Ordering::Relaxed);
+        self.written.store(n + 1, Ordering::Release);
     }
 
     /// Called by the owner at a roll, once the previous active file is synced.
