@@ -1,7 +1,8 @@
 //! Adapter throughput: set, get, list of a 1,000-item group and update, at 128 B and 4 KiB
 //! values, for each store.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use ringcast_storage::file::{FileOptions, FileStore, Populate};
 use ringcast_storage::memory::MemoryStore;
 use ringcast_storage::update_ops::{apply, parse_ops};
@@ -17,6 +18,26 @@ fn value(size: usize) -> Json {
 /// the 50 ms at which a shard runs it when sets take 0.2–0.8 µs.
 const BACKGROUND_EVERY: u64 = 1 << 16;
 
+/// Sets of one of 10,000 items in turn, with the store's background work between them.
+fn bench_sets<S: KvStore>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    mut store: S,
+    background: &impl Fn(&mut S),
+    mut value: impl FnMut() -> Json,
+) {
+    let mut n = 0u64;
+    group.bench_function(name, |b| {
+        b.iter(|| {
+            n += 1;
+            if n.is_multiple_of(BACKGROUND_EVERY) {
+                background(&mut store);
+            }
+            store.set("bench", "g", &format!("i{}", n % 10_000), value()).unwrap()
+        })
+    });
+}
+
 /// Runs the adapter benches against stores made by `make`.
 pub fn adapter_benches<S: KvStore>(c: &mut Criterion, adapter: &str, mut make: impl FnMut() -> S, background: impl Fn(&mut S)) {
     for size in [128usize, 4096] {
@@ -24,30 +45,10 @@ pub fn adapter_benches<S: KvStore>(c: &mut Criterion, adapter: &str, mut make: i
         group.throughput(Throughput::Elements(1));
         let v = value(size);
 
-        let mut store = make();
-        let mut n = 0u64;
-        group.bench_function("set", |b| {
-            b.iter(|| {
-                n += 1;
-                if n % BACKGROUND_EVERY == 0 {
-                    background(&mut store);
-                }
-                store.set("bench", "g", &format!("i{}", n % 10_000), v.clone()).unwrap()
-            })
-        });
-
+        bench_sets(&mut group, "set", make(), &background, || v.clone());
         // As the engine calls it: each request brings its own freshly allocated value.
         let text = v.to_string();
-        let mut store = make();
-        group.bench_function("set_fresh_value", |b| {
-            b.iter(|| {
-                n += 1;
-                if n % BACKGROUND_EVERY == 0 {
-                    background(&mut store);
-                }
-                store.set("bench", "g", &format!("i{}", n % 10_000), Json::from(text.as_str())).unwrap()
-            })
-        });
+        bench_sets(&mut group, "set_fresh_value", make(), &background, || Json::from(text.as_str()));
 
         let mut store = make();
         for i in 0..1000 {

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 /// One shard's store.
 pub enum ShardStore {
     Memory(MemoryStore),
-    File(FileStore),
+    /// Boxed: a file store is several hundred bytes of bookkeeping.
+    File(Box<FileStore>),
 }
 
 fn options(kv: &KvConfig) -> FileOptions {
@@ -31,7 +32,7 @@ impl ShardStore {
         match kv.store_method {
             StoreMethod::InMemory => Ok(ShardStore::Memory(MemoryStore::new())),
             StoreMethod::FileBased => FileStore::open(&shard_dir(Path::new(&kv.file_path), index), options(kv))
-                .map(ShardStore::File)
+                .map(|store| ShardStore::File(Box::new(store)))
                 .map_err(|e| e.to_string()),
         }
     }
@@ -39,14 +40,14 @@ impl ShardStore {
     fn kv(&self) -> &dyn KvStore {
         match self {
             ShardStore::Memory(s) => s,
-            ShardStore::File(s) => s,
+            ShardStore::File(s) => s.as_ref(),
         }
     }
 
     fn kv_mut(&mut self) -> &mut dyn KvStore {
         match self {
             ShardStore::Memory(s) => s,
-            ShardStore::File(s) => s,
+            ShardStore::File(s) => s.as_mut(),
         }
     }
 

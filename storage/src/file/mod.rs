@@ -16,6 +16,7 @@ mod record;
 mod recovery;
 mod repair;
 mod segment;
+mod spare;
 mod sync;
 
 #[cfg(test)]
@@ -140,6 +141,12 @@ pub struct FileStore {
     /// Reused buffer for records that compaction copies.
     scratch: Vec<u8>,
     prefaulter: prefault::Prefaulter,
+    /// Segments that compaction emptied, removed after the next roll (see `compaction`).
+    retired: Vec<u32>,
+    /// The write count at the previous compaction step: unchanged means the writer is idle.
+    written_at_last_step: u64,
+    /// A reclaimed segment file being prepared for reuse, or ready.
+    spare: Option<spare::Spare>,
     /// Held while open: one store per directory.
     _lock: fs::File,
 }
@@ -353,13 +360,28 @@ impl FileStore {
         let old_id = self.active;
         let old = &self.segments[&old_id];
         if old.len > 0 {
+            old.unmap_pages();
             old.file.sync_data()?;
         }
         let new_id = old_id
             .checked_add(1)
             .ok_or_else(|| io::Error::other("segment ids exhausted"))?;
         let capacity = self.options.segment_size.max(needed as u64);
-        let new = Segment::create(&self.dir, new_id, capacity)?;
+        let new = match self.spare.take() {
+            Some(spare) if spare.is_ready() && capacity == self.options.segment_size => {
+                match Segment::reuse(&self.dir, new_id, capacity, spare.path()) {
+                    Ok(seg) => seg,
+                    Err(_) => {
+                        spare.discard();
+                        Segment::create(&self.dir, new_id, capacity)?
+                    }
+                }
+            }
+            spare => {
+                self.spare = spare;
+                Segment::create(&self.dir, new_id, capacity)?
+            }
+        };
         self.sync.set_active(new.file.clone());
         self.segments.insert(new_id, new);
         self.active = new_id;
@@ -372,6 +394,42 @@ impl FileStore {
         } else {
             old.seal();
         }
+        // Everything written so far is durable now (the old segment was just synced, earlier
+        // ones at their own rolls): retired segments can go without a sync of their own.
+        self.sync.mark_synced();
+        if !self.retired.is_empty() {
+            // Best effort: what fails stays retired for a later try.
+            let _ = self.remove_retired();
+        }
+        Ok(())
+    }
+
+    /// Takes a reclaimed segment's file out of the log: it becomes the spare when there is
+    /// none yet (see `spare`), else it is deleted. The caller syncs the directory.
+    fn retire_file(&mut self, id: u32) -> io::Result<()> {
+        if self.spare.as_ref().is_some_and(|spare| spare.has_failed()) {
+            self.spare.take().expect("checked").discard();
+        }
+        let seg = &self.segments[&id];
+        let size = self.options.segment_size;
+        if self.spare.is_none() && seg.len <= size {
+            if let Ok((spare, preparation)) = spare::Spare::adopt(&self.dir, &seg.path, seg.len, size) {
+                // Its map goes before the helper writes over the file.
+                self.segments.remove(&id);
+                if self.prefaulter.recycle(preparation) {
+                    self.spare = Some(spare);
+                } else {
+                    spare.discard();
+                }
+                return Ok(());
+            }
+        }
+        match fs::remove_file(&seg.path) {
+            // Already gone if a failed `adopt` got as far as its own cleanup.
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
+        self.segments.remove(&id);
         Ok(())
     }
 

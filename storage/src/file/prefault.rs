@@ -7,9 +7,15 @@
 //! ready. `Populate::Write` maps them writable and dirty (no fault left for the writer);
 //! `Populate::Read` only brings them into the page cache, because dirty zero pages ahead of the
 //! cursor would be written out by every fdatasync of a durable store. On a kernel without these
-//! `madvise` flags the helper gives up quietly and the writer faults as before.
+//! `madvise` flags the helper stops populating and the writer faults as before.
+//!
+//! The same thread starts writeback of the pages the writer has left behind (so the sync when a
+//! segment is sealed does not stall the shard for all 64 MiB at once), and prepares spare
+//! segment files from reclaimed ones (see `spare`).
 
+use std::fs::File;
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -19,6 +25,9 @@ use memmap2::MmapRaw;
 /// the pages nearest the cursor are ready first).
 const AHEAD: usize = 32 << 20;
 const CHUNK: usize = 2 << 20;
+/// How far behind the cursor writeback starts: past the records whose previous values a write
+/// is likely to read back soon.
+const LAG: usize = 8 << 20;
 
 /// What the helper does to the pages ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +58,10 @@ fn page_size() -> usize {
 
 enum Job {
     Populate { map: Arc<MmapRaw>, range: Range<usize> },
+    /// Starts writeback of a range the writer is done with.
+    WriteBehind { map: Arc<MmapRaw>, file: Arc<File>, range: Range<usize> },
+    /// Turns a reclaimed segment file into a spare (see `spare`).
+    Recycle(super::spare::Preparation),
     /// Answered once every earlier job is done.
     #[cfg(test)]
     Barrier(mpsc::Sender<()>),
@@ -65,9 +78,19 @@ impl Prefaulter {
         let spawned = std::thread::Builder::new()
             .name("ringcast-prefault".into())
             .spawn(move || {
+                let mut unsupported = false;
                 for job in inbox {
                     let (map, range) = match job {
+                        Job::Populate { .. } if unsupported => continue,
                         Job::Populate { map, range } => (map, range),
+                        Job::WriteBehind { map, file, range } => {
+                            write_behind(&map, &file, range);
+                            continue;
+                        }
+                        Job::Recycle(preparation) => {
+                            preparation.run();
+                            continue;
+                        }
                         #[cfg(test)]
                         Job::Barrier(done) => {
                             let _ = done.send(());
@@ -81,11 +104,36 @@ impl Prefaulter {
                         libc::madvise(map.as_mut_ptr().add(range.start).cast(), range.len(), populate.advice())
                     };
                     if done != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-                        return; // kernel older than 5.14
+                        unsupported = true; // kernel older than 5.14
                     }
                 }
             });
         Prefaulter { jobs: spawned.ok().map(|_| jobs) }
+    }
+
+    /// Asks for writeback of the chunks after `done` that lie more than `LAG` bytes behind the
+    /// cursor `len`; returns the new end of the range handed over.
+    pub fn behind(&self, map: &Arc<MmapRaw>, file: &Arc<File>, len: usize, mut done: usize) -> usize {
+        let Some(jobs) = &self.jobs else { return done };
+        while done + CHUNK + LAG <= len {
+            let range = done..done + CHUNK;
+            let _ = jobs.send(Job::WriteBehind { map: map.clone(), file: file.clone(), range });
+            done += CHUNK;
+        }
+        done
+    }
+
+    /// Has the helper prepare a spare segment file; false if there is no helper thread.
+    pub fn recycle(&self, preparation: super::spare::Preparation) -> bool {
+        self.jobs.as_ref().is_some_and(|jobs| jobs.send(Job::Recycle(preparation)).is_ok())
+    }
+
+    /// Waits until every job sent so far is done.
+    #[cfg(test)]
+    pub fn wait_for_jobs(&self) {
+        let (done, finished) = mpsc::channel();
+        self.jobs.as_ref().expect("helper thread").send(Job::Barrier(done)).unwrap();
+        finished.recv().unwrap();
     }
 
     /// Asks for the chunks after `populated` until `AHEAD` bytes past the cursor `len` are
@@ -105,6 +153,25 @@ impl Prefaulter {
     }
 }
 
+/// Unmaps `range` of the active segment's map and starts writing its pages back, without
+/// waiting. Unmapped first, so the kernel does not write-protect each page it writes (a TLB
+/// shootdown per page that would interrupt the writer's core); the page-cache pages stay, and a
+/// later read faults them back in. The seal-time sync then only has the last few MiB to write.
+fn write_behind(map: &MmapRaw, file: &File, range: Range<usize>) {
+    // SAFETY: the range lies inside the mapping, which `map` keeps alive, and the writer is past
+    // it; dropping page-table entries of a shared file mapping changes no byte (see
+    // `Segment::unmap_pages`).
+    unsafe {
+        libc::madvise(map.as_mut_ptr().add(range.start).cast(), range.len(), libc::MADV_DONTNEED);
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            range.start as libc::off64_t,
+            range.len() as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,12 +185,6 @@ mod tests {
         // SAFETY: `vec` has one byte per page of the mapping.
         assert_eq!(unsafe { libc::mincore(map.as_mut_ptr().cast(), map.len(), vec.as_mut_ptr()) }, 0);
         vec.iter().filter(|&&b| b & 1 == 1).count()
-    }
-
-    fn wait_for_jobs(prefaulter: &Prefaulter) {
-        let (done, finished) = mpsc::channel();
-        prefaulter.jobs.as_ref().expect("helper thread").send(Job::Barrier(done)).unwrap();
-        finished.recv().unwrap();
     }
 
     #[test]
@@ -141,12 +202,39 @@ mod tests {
             let prefaulter = Prefaulter::start(populate);
             assert_eq!(prefaulter.ahead(&map, 0, 0), len, "the whole (small) segment is asked for");
             assert_eq!(prefaulter.ahead(&map, 100, len), len, "nothing is asked for twice");
-            wait_for_jobs(&prefaulter);
+            prefaulter.wait_for_jobs();
             assert_eq!(resident_pages(&map), len / page_size());
         }
         // SAFETY: the mapping is alive and `len` bytes long.
         let bytes = unsafe { std::slice::from_raw_parts(map.as_ptr(), len) };
         assert!(bytes.iter().all(|&b| b == 0), "populating must not change the contents");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn writeback_is_asked_for_whole_chunks_well_behind_the_cursor() {
+        let dir = std::env::temp_dir().join(format!("ringcast-behind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("seg")).unwrap();
+        let len = 16 << 20;
+        file.set_len(len as u64).unwrap();
+        let file = Arc::new(file);
+        let map = Arc::new(MmapOptions::new().len(len).map_raw(&*file).unwrap());
+        // SAFETY: the mapping is alive and `len` bytes long; nothing else uses it.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr(), len) };
+        for (n, b) in bytes[..12 << 20].iter_mut().enumerate() {
+            *b = (n % 251) as u8 + 1;
+        }
+        let prefaulter = Prefaulter::start(Populate::Write);
+        assert_eq!(prefaulter.behind(&map, &file, CHUNK + LAG - 1, 0), 0, "nothing is LAG behind yet");
+        let done = prefaulter.behind(&map, &file, 12 << 20, 0);
+        assert_eq!(done, (12 << 20) - LAG, "whole chunks up to LAG behind the cursor");
+        assert_eq!(prefaulter.behind(&map, &file, 12 << 20, done), done, "nothing is asked for twice");
+        prefaulter.wait_for_jobs();
+        // Unmapped and on its way to disk, but nothing changed, through the map or the file.
+        assert!(bytes[..12 << 20].iter().enumerate().all(|(n, &b)| b == (n % 251) as u8 + 1));
+        let on_file = std::fs::read(dir.join("seg")).unwrap();
+        assert_eq!(&on_file[..12 << 20], &bytes[..12 << 20]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -177,6 +177,7 @@ pub(super) fn open(dir: &Path, options: FileOptions) -> Result<FileStore, OpenEr
         segment::sync_dir(parent).map_err(OpenError::io(parent))?;
     }
     let lock = segment::lock_dir(dir).map_err(OpenError::io(dir))?;
+    super::spare::remove_leftover(dir).map_err(OpenError::io(dir))?;
     let ids = segment::list(dir).map_err(OpenError::io(dir))?;
     let mut segments = BTreeMap::new();
     let mut replay = Replay::default();
@@ -243,6 +244,9 @@ pub(super) fn open(dir: &Path, options: FileOptions) -> Result<FileStore, OpenEr
         compaction: None,
         scratch: Vec::new(),
         prefaulter: super::prefault::Prefaulter::start(options.populate),
+        spare: None,
+        retired: Vec::new(),
+        written_at_last_step: 0,
         _lock: lock,
     })
 }

@@ -51,6 +51,8 @@ pub struct Segment {
     pub usage: Usage,
     /// End of the range the prefault helper was asked to populate (active segment only).
     populated: usize,
+    /// End of the range handed to the helper for writeback (active segment only).
+    written_behind: usize,
 }
 
 pub fn file_name(id: u32) -> String {
@@ -110,7 +112,7 @@ pub fn lock_dir(dir: &Path) -> io::Result<File> {
 }
 
 /// Reserves the blocks of `[0, len)` so that writes through the map cannot hit ENOSPC.
-fn allocate(file: &File, len: u64) -> io::Result<()> {
+pub fn allocate(file: &File, len: u64) -> io::Result<()> {
     let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: plain syscall on a file descriptor we own.
     match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
@@ -163,6 +165,38 @@ impl Segment {
                 capacity,
                 usage: Usage::default(),
                 populated: 0,
+                written_behind: 0,
+            }),
+            Err(err) => {
+                let _ = fs::remove_file(&path);
+                Err(err)
+            }
+        }
+    }
+
+    /// A new active segment made from a ready spare file (see `spare`): renamed to its name,
+    /// which is made durable before the segment is used. On failure nothing is left under the
+    /// new name.
+    pub fn reuse(dir: &Path, id: u32, capacity: u64, spare: &Path) -> io::Result<Segment> {
+        let path = dir.join(file_name(id));
+        fs::rename(spare, &path)?;
+        let made = (|| {
+            sync_dir(dir)?;
+            let file = open_rw(&path, false)?;
+            let map = map_rw(&file, capacity)?;
+            Ok((file, map))
+        })();
+        match made {
+            Ok((file, map)) => Ok(Segment {
+                id,
+                path,
+                file: Arc::new(file),
+                map: Map::Active(map),
+                len: 0,
+                capacity,
+                usage: Usage::default(),
+                populated: 0,
+                written_behind: 0,
             }),
             Err(err) => {
                 let _ = fs::remove_file(&path);
@@ -186,6 +220,7 @@ impl Segment {
             capacity,
             usage: Usage::default(),
             populated: 0,
+            written_behind: 0,
         })
     }
 
@@ -212,6 +247,7 @@ impl Segment {
         self.map = Map::Active(map_rw(&self.file, capacity)?);
         self.capacity = capacity;
         self.populated = 0;
+        self.written_behind = 0;
         Ok(())
     }
 
@@ -234,10 +270,24 @@ impl Segment {
         offset
     }
 
-    /// Keeps the pages ahead of the write cursor populated (see `prefault`).
+    /// Keeps the pages ahead of the write cursor populated and those far behind it on their
+    /// way to disk (see `prefault`).
     pub fn prefault(&mut self, prefaulter: &Prefaulter) {
         if let Map::Active(map) = &self.map {
-            self.populated = prefaulter.ahead(map, self.len as usize, self.populated);
+            let len = self.len as usize;
+            self.populated = prefaulter.ahead(map, len, self.populated);
+            self.written_behind = prefaulter.behind(map, &self.file, len, self.written_behind);
+        }
+    }
+
+    /// Unmaps the pages of the active map (their contents stay in the page cache), so that a
+    /// following sync does not have to write-protect each one again: on a multi-core host that
+    /// costs a TLB shootdown per page, one batched shootdown here.
+    pub fn unmap_pages(&self) {
+        if let Map::Active(map) = &self.map {
+            // SAFETY: MADV_DONTNEED on a shared file mapping drops page-table entries only; the
+            // next access faults the same page-cache page back in, so no byte changes.
+            unsafe { libc::madvise(map.as_mut_ptr().cast(), map.len(), libc::MADV_DONTNEED) };
         }
     }
 

@@ -44,6 +44,21 @@ impl Shared {
         self.written.store(n + 1, Ordering::Release);
     }
 
+    /// Records appended so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Whether every record appended so far is durable.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire) >= self.written.load(Ordering::Relaxed)
+    }
+
+    /// Called by the owner after it synced every record appended so far itself.
+    pub fn mark_synced(&self) {
+        self.synced.fetch_max(self.written.load(Ordering::Relaxed), Ordering::Release);
+    }
+
     /// Called by the owner at a roll, once the previous active file is synced.
     pub fn set_active(&self, file: Arc<File>) {
         *self.active.lock().unwrap_or_else(|e| e.into_inner()) = file;

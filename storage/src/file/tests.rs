@@ -322,8 +322,9 @@ fn compact_fully(store: &mut FileStore) -> usize {
     for _ in 0..100_000 {
         match store.compact_step(200) {
             CompactProgress::Idle => return reclaimed,
-            CompactProgress::Reclaimed { .. } => reclaimed += 1,
+            CompactProgress::Reclaimed { segments, .. } => reclaimed += segments,
             CompactProgress::InProgress { scanned, .. } => assert!(scanned > 0),
+            CompactProgress::Retired { .. } | CompactProgress::Waiting { .. } => {}
             CompactProgress::Failed(err) => panic!("{err}"),
         }
     }
@@ -648,4 +649,136 @@ fn a_directory_is_opened_by_one_store_at_a_time() {
     assert!(repair(&dir.0).is_err());
     drop(store);
     FileStore::open(&dir.0, FileOptions::default()).unwrap();
+}
+
+/// Overwrites one item until the store has rolled to segment `id`.
+fn churn_until_active(store: &mut FileStore, id: u32) {
+    let mut n = 0;
+    while store.active < id {
+        n += 1;
+        store.set("s", "churn", "x", j(&format!("\"{n:060}\""))).unwrap();
+    }
+}
+
+/// Runs compaction steps until one returns something other than `InProgress`.
+fn compact_until_settled(store: &mut FileStore) -> CompactProgress {
+    loop {
+        match store.compact_step(1 << 20) {
+            CompactProgress::InProgress { .. } => {}
+            other => return other,
+        }
+    }
+}
+
+#[test]
+fn a_retired_segment_waits_for_the_next_roll_while_writes_go_on() {
+    let dir = TempDir::new("retired");
+    let mut store = FileStore::open(&dir.0, small(1024)).unwrap();
+    churn_until_active(&mut store, 4);
+    // Segments 1 and 2 are dead; segment 3, the newest sealed one, waits for a roll. A write
+    // before each step keeps the writer busy, and nothing is synced.
+    let mut retired = Vec::new();
+    for n in 0..2 {
+        store.set("s", "other", "y", j(&n.to_string())).unwrap();
+        match compact_until_settled(&mut store) {
+            CompactProgress::Retired { segment } => retired.push(segment),
+            other => panic!("{other:?}"),
+        }
+    }
+    retired.sort_unstable();
+    assert_eq!(retired, [1, 2]);
+    store.set("s", "other", "y", j("2")).unwrap();
+    assert_eq!(store.compact_step(1 << 20), CompactProgress::Waiting { retired: 2 });
+    for id in &retired {
+        assert!(seg_path(&dir.0, *id).exists(), "segment {id} must stay until the log is synced");
+    }
+    // The roll syncs the log, and the retired segments go with it.
+    churn_until_active(&mut store, 5);
+    for id in &retired {
+        assert!(!store.segments.contains_key(id));
+        assert!(!seg_path(&dir.0, *id).exists(), "segment {id} is still there after the roll");
+    }
+    check_accounting(&store);
+}
+
+#[test]
+fn an_idle_writer_lets_compaction_remove_a_retired_segment_at_once() {
+    let dir = TempDir::new("retired-idle");
+    let mut store = FileStore::open(&dir.0, small(1024)).unwrap();
+    churn_until_active(&mut store, 4);
+    assert!(matches!(compact_until_settled(&mut store), CompactProgress::Retired { segment: 1 }));
+    // Nothing was written since the previous step: the step syncs and removes it itself.
+    assert!(matches!(store.compact_step(1 << 20), CompactProgress::Reclaimed { segments: 1, .. }));
+    assert!(!seg_path(&dir.0, 1).exists());
+    check_accounting(&store);
+}
+
+#[test]
+fn a_reclaimed_segment_file_is_reused_zeroed_for_a_later_segment() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("spare");
+    let opts = small(4096);
+    let mut store = FileStore::open(&dir.0, opts).unwrap();
+    churn_until_active(&mut store, 3);
+    assert!(matches!(compact_until_settled(&mut store), CompactProgress::Retired { segment: 1 }));
+    assert!(matches!(store.compact_step(1 << 20), CompactProgress::Reclaimed { segments: 1, .. }));
+    let spare_path = dir.0.join(spare::FILE_NAME);
+    let inode = fs::metadata(&spare_path).expect("the reclaimed file is kept as the spare").ino();
+    store.prefaulter.wait_for_jobs();
+    assert!(store.spare.as_ref().is_some_and(|s| s.is_ready()));
+    let mut mem = MemoryStore::new();
+    for n in 0..10 {
+        let v = j(&format!("\"{n}\""));
+        store.set("s", "kept", &format!("k{n}"), v.clone()).unwrap();
+        mem.set("s", "kept", &format!("k{n}"), v).unwrap();
+    }
+    churn_until_active(&mut store, 4);
+    let reused = seg_path(&dir.0, 4);
+    assert_eq!(fs::metadata(&reused).unwrap().ino(), inode, "segment 4 is the recycled file");
+    assert!(!spare_path.exists());
+    // Only this segment's own records are in it: zeros after them.
+    let seg = &store.segments[&4];
+    assert_eq!(seg.capacity, 4096);
+    assert!(recovery::all_zero(&seg.bytes()[seg.len as usize..]));
+    mem.set("s", "churn", "x", store.get("s", "churn", "x").unwrap()).unwrap();
+    assert_eq!(snapshot(&store), snapshot(&mem));
+    drop(store);
+    let store = FileStore::open(&dir.0, opts).unwrap();
+    assert_eq!(snapshot(&store), snapshot(&mem));
+    check_accounting(&store);
+}
+
+#[test]
+fn a_spare_left_by_a_crash_is_removed_at_open() {
+    let dir = TempDir::new("spare-leftover");
+    drop(FileStore::open(&dir.0, small(4096)).unwrap());
+    // As if a crash came while the helper was still zeroing old records.
+    let leftover = record::encode(Kind::Set, 1, "s", "g", "i", "\"stale\"").unwrap();
+    fs::write(dir.0.join(spare::FILE_NAME), leftover).unwrap();
+    let store = FileStore::open(&dir.0, small(4096)).unwrap();
+    assert!(!dir.0.join(spare::FILE_NAME).exists());
+    assert_eq!(store.get("s", "g", "i"), None);
+}
+
+#[test]
+fn records_far_behind_the_cursor_survive_writeback_and_reopen() {
+    let dir = TempDir::new("write-behind");
+    let opts = small(32 << 20);
+    let mut store = FileStore::open(&dir.0, opts).unwrap();
+    let value = |n: usize| j(&format!("\"{n:04096}\""));
+    // About 24 MiB: the helper unmaps and writes back everything up to 8 MiB behind the cursor.
+    for n in 0..6000 {
+        store.set("s", "g", &format!("i{n}"), value(n)).unwrap();
+    }
+    store.prefaulter.wait_for_jobs();
+    for n in (0..6000).step_by(7) {
+        assert_eq!(store.get("s", "g", &format!("i{n}")), Some(value(n)));
+    }
+    // Overwrites read previous values back from the written-back pages.
+    assert_eq!(store.set("s", "g", "i3", j("3")).unwrap(), Some(value(3)));
+    drop(store);
+    let store = FileStore::open(&dir.0, opts).unwrap();
+    assert_eq!(store.list("s", "g").len(), 6000);
+    assert_eq!(store.get("s", "g", "i3"), Some(j("3")));
+    assert_eq!(store.get("s", "g", "i5999"), Some(value(5999)));
 }
