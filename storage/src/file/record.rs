@@ -11,13 +11,14 @@
 //! 6..8   item     u16  byte length of the item id
 //! 8..12  value    u32  byte length of the value (0 for a delete)
 //! 12..20 seq      u64  the item's position in its group (kept by overwrites and compaction)
-//! 20..24 crc      u32  checksum of bytes 0..20 and of the payload: CRC-32C in version 2,
-//!                      CRC-32 (IEEE) in version 1
+//! 20..24 crc      u32  version 2: CRC-32C of the whole record with these 4 bytes as zeros;
+//!                      version 1: CRC-32 (IEEE) of bytes 0..20 and of the payload
 //! 24..   stream, group, item, value (UTF-8)
 //! ```
 //!
 //! Version 2 only changed the checksum, to the one CPUs compute in hardware (SSE 4.2 `crc32`,
-//! ARMv8 CRC): the checksum had been about a tenth of a `set`. Version 1 records (stores written
+//! ARMv8 CRC), taken in one pass over the record as it lies in the segment: the checksum had
+//! been about a tenth of a `set`. Version 1 records (stores written
 //! by earlier releases) are still read, and compaction copies them unchanged.
 
 use std::fmt;
@@ -126,8 +127,9 @@ pub fn encode_into(dst: &mut [u8], kind: Kind, seq: u64, stream: &str, group: &s
         payload[at..at + part.len()].copy_from_slice(part.as_bytes());
         at += part.len();
     }
-    let crc = checksum(MAGIC, &header[..20], payload);
-    header[20..24].copy_from_slice(&crc.to_le_bytes());
+    header[20..24].fill(0);
+    let crc = crc32c::crc32c(dst);
+    dst[20..24].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// An encoded record in a fresh buffer.
@@ -146,7 +148,8 @@ pub fn encode(
     Ok(buf)
 }
 
-/// The checksum that a record starting with `magic` carries.
+/// The checksum that a record starting with `magic` carries, from its first 20 header bytes and
+/// its payload.
 fn checksum(magic: u8, header: &[u8], payload: &[u8]) -> u32 {
     if magic == MAGIC_V1 {
         let mut hasher = crc32fast::Hasher::new();
@@ -154,7 +157,7 @@ fn checksum(magic: u8, header: &[u8], payload: &[u8]) -> u32 {
         hasher.update(payload);
         return hasher.finalize();
     }
-    crc32c::crc32c_append(crc32c::crc32c(header), payload)
+    crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(header), &[0; 4]), payload)
 }
 
 struct Lengths {
