@@ -27,7 +27,7 @@ const AHEAD: usize = 32 << 20;
 const CHUNK: usize = 2 << 20;
 /// How far behind the cursor writeback starts: past the records whose previous values a write
 /// is likely to read back soon.
-const LAG: usize = 8 << 20;
+const LAG: usize = 4 << 20;
 
 /// What the helper does to the pages ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,36 +67,22 @@ enum Job {
     Barrier(mpsc::Sender<()>),
 }
 
-/// The helper thread of one store; it ends when this is dropped.
+/// The helper threads of one store; they end when this is dropped. Populating has a thread of
+/// its own: the disk work (writeback, preparing a spare, whose sync can take a while) must not
+/// hold up the pages the writer is about to need.
 pub struct Prefaulter {
     jobs: Option<mpsc::Sender<Job>>,
+    disk_jobs: Option<mpsc::Sender<Job>>,
 }
 
-impl Prefaulter {
-    pub fn start(populate: Populate) -> Prefaulter {
-        let (jobs, inbox) = mpsc::channel::<Job>();
-        let spawned = std::thread::Builder::new()
-            .name("ringcast-prefault".into())
-            .spawn(move || {
-                let mut unsupported = false;
-                for job in inbox {
-                    let (map, range) = match job {
-                        Job::Populate { .. } if unsupported => continue,
-                        Job::Populate { map, range } => (map, range),
-                        Job::WriteBehind { map, file, range } => {
-                            write_behind(&map, &file, range);
-                            continue;
-                        }
-                        Job::Recycle(preparation) => {
-                            preparation.run();
-                            continue;
-                        }
-                        #[cfg(test)]
-                        Job::Barrier(done) => {
-                            let _ = done.send(());
-                            continue;
-                        }
-                    };
+/// A helper thread running the jobs sent to the returned channel.
+fn spawn_helper(name: &str, populate: Populate) -> Option<mpsc::Sender<Job>> {
+    let (jobs, inbox) = mpsc::channel::<Job>();
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let mut unsupported = false;
+        for job in inbox {
+            match job {
+                Job::Populate { map, range } if !unsupported => {
                     // SAFETY: the range lies inside the mapping, which `map` keeps alive;
                     // populating changes no byte of it. Past the end of a file that was shortened
                     // meanwhile (a sealed segment) the call fails with EFAULT, no signal.
@@ -107,14 +93,31 @@ impl Prefaulter {
                         unsupported = true; // kernel older than 5.14
                     }
                 }
-            });
-        Prefaulter { jobs: spawned.ok().map(|_| jobs) }
+                Job::Populate { .. } => {}
+                Job::WriteBehind { map, file, range } => write_behind(&map, &file, range),
+                Job::Recycle(preparation) => preparation.run(),
+                #[cfg(test)]
+                Job::Barrier(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    });
+    spawned.ok().map(|_| jobs)
+}
+
+impl Prefaulter {
+    pub fn start(populate: Populate) -> Prefaulter {
+        Prefaulter {
+            jobs: spawn_helper("ringcast-prefault", populate),
+            disk_jobs: spawn_helper("ringcast-writebk", populate),
+        }
     }
 
     /// Asks for writeback of the chunks after `done` that lie more than `LAG` bytes behind the
     /// cursor `len`; returns the new end of the range handed over.
     pub fn behind(&self, map: &Arc<MmapRaw>, file: &Arc<File>, len: usize, mut done: usize) -> usize {
-        let Some(jobs) = &self.jobs else { return done };
+        let Some(jobs) = &self.disk_jobs else { return done };
         while done + CHUNK + LAG <= len {
             let range = done..done + CHUNK;
             let _ = jobs.send(Job::WriteBehind { map: map.clone(), file: file.clone(), range });
@@ -123,17 +126,19 @@ impl Prefaulter {
         done
     }
 
-    /// Has the helper prepare a spare segment file; false if there is no helper thread.
+    /// Has a helper prepare a spare segment file; false if there is no helper thread.
     pub fn recycle(&self, preparation: super::spare::Preparation) -> bool {
-        self.jobs.as_ref().is_some_and(|jobs| jobs.send(Job::Recycle(preparation)).is_ok())
+        self.disk_jobs.as_ref().is_some_and(|jobs| jobs.send(Job::Recycle(preparation)).is_ok())
     }
 
     /// Waits until every job sent so far is done.
     #[cfg(test)]
     pub fn wait_for_jobs(&self) {
-        let (done, finished) = mpsc::channel();
-        self.jobs.as_ref().expect("helper thread").send(Job::Barrier(done)).unwrap();
-        finished.recv().unwrap();
+        for jobs in [&self.jobs, &self.disk_jobs] {
+            let (done, finished) = mpsc::channel();
+            jobs.as_ref().expect("helper thread").send(Job::Barrier(done)).unwrap();
+            finished.recv().unwrap();
+        }
     }
 
     /// Asks for the chunks after `populated` until `AHEAD` bytes past the cursor `len` are
@@ -241,7 +246,7 @@ mod tests {
     #[test]
     fn the_populated_range_covers_the_window_past_the_cursor_within_the_map() {
         let map: Arc<MmapRaw> = Arc::new(MmapOptions::new().len(64 << 20).map_anon().unwrap().into());
-        assert_eq!(Prefaulter { jobs: None }.ahead(&map, 5000, 0), 0, "without a helper nothing is promised");
+        assert_eq!(Prefaulter { jobs: None, disk_jobs: None }.ahead(&map, 5000, 0), 0, "without a helper nothing is promised");
         let prefaulter = Prefaulter::start(Populate::Read);
         let end = prefaulter.ahead(&map, 5000, 0);
         assert!(end >= 5000 + AHEAD && end <= map.len(), "{end}");

@@ -114,7 +114,9 @@ pub fn encode_into(dst: &mut [u8], kind: Kind, seq: u64, stream: &str, group: &s
         Ok(dst.len()),
         encoded_len(stream.len(), group.len(), item.len(), value.len())
     );
-    let (header, payload) = dst.split_at_mut(HEADER_LEN);
+    // Built on the stack and copied with wide stores: the checksum then reads it back from the
+    // segment without waiting for a dozen narrow stores to retire.
+    let mut header = [0u8; HEADER_LEN];
     header[0] = MAGIC;
     header[1] = kind as u8;
     header[2..4].copy_from_slice(&(stream.len() as u16).to_le_bytes());
@@ -122,12 +124,13 @@ pub fn encode_into(dst: &mut [u8], kind: Kind, seq: u64, stream: &str, group: &s
     header[6..8].copy_from_slice(&(item.len() as u16).to_le_bytes());
     header[8..12].copy_from_slice(&(value.len() as u32).to_le_bytes());
     header[12..20].copy_from_slice(&seq.to_le_bytes());
+    let (head, payload) = dst.split_at_mut(HEADER_LEN);
+    head.copy_from_slice(&header);
     let mut at = 0;
     for part in [stream, group, item, value] {
         payload[at..at + part.len()].copy_from_slice(part.as_bytes());
         at += part.len();
     }
-    header[20..24].fill(0);
     let crc = crc32c::crc32c(dst);
     dst[20..24].copy_from_slice(&crc.to_le_bytes());
 }

@@ -766,7 +766,7 @@ fn records_far_behind_the_cursor_survive_writeback_and_reopen() {
     let opts = small(32 << 20);
     let mut store = FileStore::open(&dir.0, opts).unwrap();
     let value = |n: usize| j(&format!("\"{n:04096}\""));
-    // About 24 MiB: the helper unmaps and writes back everything up to 8 MiB behind the cursor.
+    // About 24 MiB: the helper unmaps and writes back everything more than a few MiB behind the cursor.
     for n in 0..6000 {
         store.set("s", "g", &format!("i{n}"), value(n)).unwrap();
     }
