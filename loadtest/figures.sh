@@ -56,9 +56,11 @@ echo -n "connect 10000 idle subscribers: "
 $LT connect --subscribers 10000 --groups 10 --server-pid $PID --json 2>/dev/null | field ready server_rss_per_connection_kb server_rss_after_close_mb connections_per_s
 stop
 
-start "      adapter:
+for durability in batch none; do
+  start "      adapter:
         name: kv
-        config: {store_method: file_based, file_path: $DIR/store, durability: batch}"
-echo -n "file_based batch: stream::set, 64 writers in flight: "
-$LT fanout --subscribers 1 --groups 64 --payload 128 --inflight 64 --duration 5 --json 2>/dev/null | field sets_per_s set_ack_latency_p50_us set_ack_latency_p99_us loss
-stop
+        config: {store_method: file_based, file_path: $DIR/store-$durability, durability: $durability}"
+  echo -n "file_based $durability: stream::set, 64 writers in flight: "
+  $LT fanout --subscribers 1 --groups 64 --payload 128 --inflight 64 --duration 5 --json 2>/dev/null | field sets_per_s set_ack_latency_p50_us set_ack_latency_p99_us loss
+  stop
+done

@@ -18,12 +18,19 @@ fn value(size: usize) -> Json {
 /// the 50 ms at which a shard runs it when sets take 0.2–0.8 µs.
 const BACKGROUND_EVERY: u64 = 1 << 16;
 
+/// What a store does besides serving calls: its background work, run every `BACKGROUND_EVERY`
+/// sets, and a line about it printed after each set bench.
+struct Background<S> {
+    step: fn(&mut S),
+    report: fn(&S) -> Option<String>,
+}
+
 /// Sets of one of 10,000 items in turn, with the store's background work between them.
 fn bench_sets<S: KvStore>(
     group: &mut BenchmarkGroup<'_, WallTime>,
     name: &str,
     mut store: S,
-    background: &impl Fn(&mut S),
+    background: &Background<S>,
     mut value: impl FnMut() -> Json,
 ) {
     let mut n = 0u64;
@@ -31,15 +38,18 @@ fn bench_sets<S: KvStore>(
         b.iter(|| {
             n += 1;
             if n.is_multiple_of(BACKGROUND_EVERY) {
-                background(&mut store);
+                (background.step)(&mut store);
             }
             store.set("bench", "g", &format!("i{}", n % 10_000), value()).unwrap()
         })
     });
+    if let Some(line) = (background.report)(&store) {
+        eprintln!("{name}: {line}");
+    }
 }
 
 /// Runs the adapter benches against stores made by `make`.
-pub fn adapter_benches<S: KvStore>(c: &mut Criterion, adapter: &str, mut make: impl FnMut() -> S, background: impl Fn(&mut S)) {
+fn adapter_benches<S: KvStore>(c: &mut Criterion, adapter: &str, mut make: impl FnMut() -> S, background: Background<S>) {
     for size in [128usize, 4096] {
         let mut group = c.benchmark_group(format!("storage/{adapter}/{size}B"));
         group.throughput(Throughput::Elements(1));
@@ -70,7 +80,7 @@ pub fn adapter_benches<S: KvStore>(c: &mut Criterion, adapter: &str, mut make: i
 }
 
 fn memory(c: &mut Criterion) {
-    adapter_benches(c, "in_memory", MemoryStore::new, |_| {});
+    adapter_benches(c, "in_memory", MemoryStore::new, Background { step: |_| {}, report: |_| None });
 }
 
 /// Scratch directories of one bench function, removed when it ends (a `none` run writes
@@ -79,8 +89,11 @@ fn memory(c: &mut Criterion) {
 struct Scratch(Vec<PathBuf>);
 
 impl Scratch {
-    /// A fresh file store in a new scratch directory.
+    /// A fresh file store in a new scratch directory, measured from a clean start: what earlier
+    /// benches left dirty in the page cache is written out first, so their writeback does not
+    /// compete with this one's.
     fn store(&mut self, tag: &str, populate: Populate) -> FileStore {
+        let _ = std::process::Command::new("sync").status();
         let dir = std::env::temp_dir().join(format!("ringcast-bench-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         self.0.push(dir.clone());
@@ -100,12 +113,25 @@ impl Drop for Scratch {
 fn file_none(c: &mut Criterion) {
     let mut scratch = Scratch::default();
     let mut n = 0;
+    let background = Background {
+        step: |store: &mut FileStore| {
+            store.compact_step(4 << 20);
+        },
+        report: |store: &FileStore| {
+            let stats = store.stats();
+            (stats.rolls > 0).then(|| format!(
+                "{} segments sealed, {} of their successors on a reused file, rolls took {} µs on average, {} µs at most",
+                stats.rolls,
+                stats.rolls_on_spare,
+                stats.roll_total_us / stats.rolls.max(1),
+                stats.roll_max_us
+            ))
+        },
+    };
     adapter_benches(c, "file_based_none", || {
         n += 1;
         scratch.store(&format!("none-{n}"), Populate::Write)
-    }, |store| {
-        store.compact_step(4 << 20);
-    });
+    }, background);
 }
 
 /// `durability: always` (fdatasync per set) and `batch` (one fdatasync shared by 64 sets, as

@@ -73,6 +73,20 @@ pub struct StoreStats {
     pub segments: usize,
     /// Length of all segment files (the active one is allocated in full).
     pub disk_bytes: u64,
+    /// Segments sealed since open, how many of their successors reused the spare file, and the
+    /// total and longest time the writer spent in a roll (sync of the old segment included).
+    pub rolls: u64,
+    pub rolls_on_spare: u64,
+    pub roll_total_us: u64,
+    pub roll_max_us: u64,
+}
+
+#[derive(Debug, Default)]
+struct RollCounters {
+    rolls: u64,
+    on_spare: u64,
+    total_us: u64,
+    max_us: u64,
 }
 
 /// Why a store directory cannot be opened.
@@ -147,6 +161,8 @@ pub struct FileStore {
     written_at_last_step: u64,
     /// A reclaimed segment file being prepared for reuse, or ready.
     spare: Option<spare::Spare>,
+    /// Counters behind the `rolls*` fields of `StoreStats`.
+    rolls: RollCounters,
     /// Held while open: one store per directory.
     _lock: fs::File,
 }
@@ -186,6 +202,10 @@ impl FileStore {
     pub fn stats(&self) -> StoreStats {
         let mut stats = StoreStats {
             segments: self.segments.len(),
+            rolls: self.rolls.rolls,
+            rolls_on_spare: self.rolls.on_spare,
+            roll_total_us: self.rolls.total_us,
+            roll_max_us: self.rolls.max_us,
             ..StoreStats::default()
         };
         for seg in self.segments.values() {
@@ -357,6 +377,18 @@ impl FileStore {
     /// damage in a segment that is not the last as corruption rather than as a torn write.
     /// If this fails, the old segment stays active and the store unchanged.
     fn roll(&mut self, needed: usize) -> io::Result<()> {
+        let started = std::time::Instant::now();
+        let rolled = self.roll_segment(needed);
+        if rolled.is_ok() {
+            self.rolls.rolls += 1;
+            let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.rolls.max_us = self.rolls.max_us.max(took);
+            self.rolls.total_us = self.rolls.total_us.saturating_add(took);
+        }
+        rolled
+    }
+
+    fn roll_segment(&mut self, needed: usize) -> io::Result<()> {
         let old_id = self.active;
         let old = &self.segments[&old_id];
         if old.len > 0 {
@@ -370,7 +402,10 @@ impl FileStore {
         let new = match self.spare.take() {
             Some(spare) if spare.is_ready() && capacity == self.options.segment_size => {
                 match Segment::reuse(&self.dir, new_id, capacity, spare.path()) {
-                    Ok(seg) => seg,
+                    Ok(seg) => {
+                        self.rolls.on_spare += 1;
+                        seg
+                    }
                     Err(_) => {
                         spare.discard();
                         Segment::create(&self.dir, new_id, capacity)?

@@ -245,6 +245,7 @@ pub(super) fn open(dir: &Path, options: FileOptions) -> Result<FileStore, OpenEr
         scratch: Vec::new(),
         prefaulter: super::prefault::Prefaulter::start(options.populate),
         spare: None,
+        rolls: Default::default(),
         retired: Vec::new(),
         written_at_last_step: 0,
         _lock: lock,

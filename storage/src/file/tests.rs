@@ -623,7 +623,8 @@ fn stats_count_segments_and_disk() {
             live_bytes: 0,
             dead_bytes: 0,
             segments: 1,
-            disk_bytes: 4096
+            disk_bytes: 4096,
+            ..StoreStats::default()
         }
     );
     store.set("s", "g", "i", j("1")).unwrap();
@@ -735,6 +736,8 @@ fn a_reclaimed_segment_file_is_reused_zeroed_for_a_later_segment() {
     churn_until_active(&mut store, 4);
     let reused = seg_path(&dir.0, 4);
     assert_eq!(fs::metadata(&reused).unwrap().ino(), inode, "segment 4 is the recycled file");
+    let stats = store.stats();
+    assert_eq!((stats.rolls, stats.rolls_on_spare), (3, 1));
     assert!(!spare_path.exists());
     // Only this segment's own records are in it: zeros after them.
     let seg = &store.segments[&4];
