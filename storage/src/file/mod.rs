@@ -3,10 +3,11 @@
 //! Every `set` and `delete` appends a checksummed record (see `record`) to the active segment
 //! file, written through a memory map; an in-memory index (see `index`) points at the latest
 //! record of each live item, and values are read straight from the mapped segments. When the
-//! active segment is full it is synced, sealed and a new one started. `open` rebuilds the index
-//! by scanning the segments (see `recovery`), `compact_step` rewrites the live records of
-//! mostly-dead sealed segments and deletes them (see `compaction`), `repair` salvages a damaged
-//! directory. The store never syncs on its own behalf for a write: the caller decides with a
+//! active segment is full it is synced, sealed and a new one started, on a reclaimed file when
+//! one is ready (see `spare`). `open` rebuilds the index by scanning the segments (see
+//! `recovery`), `compact_step` rewrites the live records of mostly-dead sealed segments and
+//! removes them (see `compaction`), `repair` salvages a damaged directory. Helper threads keep
+//! pages ahead of the writer populated and start writeback behind it (see `prefault`). The store never syncs on its own behalf for a write: the caller decides with a
 //! [`FlushHandle`] (see `sync`).
 
 mod compaction;
