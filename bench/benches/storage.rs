@@ -118,13 +118,13 @@ fn file_none(c: &mut Criterion) {
             store.compact_step(4 << 20);
         },
         report: |store: &FileStore| {
-            let stats = store.stats();
-            (stats.rolls > 0).then(|| format!(
+            let rolls = store.stats().rolls;
+            (rolls.count > 0).then(|| format!(
                 "{} segments sealed, {} of their successors on a reused file, rolls took {} µs on average, {} µs at most",
-                stats.rolls,
-                stats.rolls_on_spare,
-                stats.roll_total_us / stats.rolls.max(1),
-                stats.roll_max_us
+                rolls.count,
+                rolls.on_spare,
+                rolls.total_us / rolls.count,
+                rolls.max_us
             ))
         },
     };

@@ -74,20 +74,17 @@ pub struct StoreStats {
     pub segments: usize,
     /// Length of all segment files (the active one is allocated in full).
     pub disk_bytes: u64,
-    /// Segments sealed since open, how many of their successors reused the spare file, and the
-    /// total and longest time the writer spent in a roll (sync of the old segment included).
-    pub rolls: u64,
-    pub rolls_on_spare: u64,
-    pub roll_total_us: u64,
-    pub roll_max_us: u64,
+    pub rolls: RollStats,
 }
 
-#[derive(Debug, Default)]
-struct RollCounters {
-    rolls: u64,
-    on_spare: u64,
-    total_us: u64,
-    max_us: u64,
+/// Segments sealed since open, how many of their successors reused the spare file, and the
+/// total and longest time the writer spent in a roll (sync of the old segment included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RollStats {
+    pub count: u64,
+    pub on_spare: u64,
+    pub total_us: u64,
+    pub max_us: u64,
 }
 
 /// Why a store directory cannot be opened.
@@ -162,8 +159,7 @@ pub struct FileStore {
     written_at_last_step: u64,
     /// A reclaimed segment file being prepared for reuse, or ready.
     spare: Option<spare::Spare>,
-    /// Counters behind the `rolls*` fields of `StoreStats`.
-    rolls: RollCounters,
+    rolls: RollStats,
     /// Held while open: one store per directory.
     _lock: fs::File,
 }
@@ -203,10 +199,7 @@ impl FileStore {
     pub fn stats(&self) -> StoreStats {
         let mut stats = StoreStats {
             segments: self.segments.len(),
-            rolls: self.rolls.rolls,
-            rolls_on_spare: self.rolls.on_spare,
-            roll_total_us: self.rolls.total_us,
-            roll_max_us: self.rolls.max_us,
+            rolls: self.rolls,
             ..StoreStats::default()
         };
         for seg in self.segments.values() {
@@ -381,7 +374,7 @@ impl FileStore {
         let started = std::time::Instant::now();
         let rolled = self.roll_segment(needed);
         if rolled.is_ok() {
-            self.rolls.rolls += 1;
+            self.rolls.count += 1;
             let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             self.rolls.max_us = self.rolls.max_us.max(took);
             self.rolls.total_us = self.rolls.total_us.saturating_add(took);
@@ -400,24 +393,7 @@ impl FileStore {
             .checked_add(1)
             .ok_or_else(|| io::Error::other("segment ids exhausted"))?;
         let capacity = self.options.segment_size.max(needed as u64);
-        let new = match self.spare.take() {
-            Some(spare) if spare.is_ready() && capacity == self.options.segment_size => {
-                match Segment::reuse(&self.dir, new_id, capacity, spare.path()) {
-                    Ok(seg) => {
-                        self.rolls.on_spare += 1;
-                        seg
-                    }
-                    Err(_) => {
-                        spare.discard();
-                        Segment::create(&self.dir, new_id, capacity)?
-                    }
-                }
-            }
-            spare => {
-                self.spare = spare;
-                Segment::create(&self.dir, new_id, capacity)?
-            }
-        };
+        let new = self.next_segment(new_id, capacity)?;
         self.sync.set_active(new.file.clone());
         self.segments.insert(new_id, new);
         self.active = new_id;
@@ -438,6 +414,23 @@ impl FileStore {
             let _ = self.remove_retired();
         }
         Ok(())
+    }
+
+    /// The next active segment: the spare file when it is ready and of the right size, else a
+    /// new file.
+    fn next_segment(&mut self, id: u32, capacity: u64) -> io::Result<Segment> {
+        let spare_fits = capacity == self.options.segment_size;
+        if spare_fits && self.spare.as_ref().is_some_and(|spare| spare.is_ready()) {
+            let spare = self.spare.take().expect("checked");
+            match Segment::reuse(&self.dir, id, capacity, spare.path()) {
+                Ok(seg) => {
+                    self.rolls.on_spare += 1;
+                    return Ok(seg);
+                }
+                Err(_) => spare.discard(),
+            }
+        }
+        Segment::create(&self.dir, id, capacity)
     }
 
     /// Takes a reclaimed segment's file out of the log: it becomes the spare when there is

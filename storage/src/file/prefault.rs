@@ -192,15 +192,22 @@ mod tests {
         vec.iter().filter(|&&b| b & 1 == 1).count()
     }
 
-    #[test]
-    fn pages_ahead_of_the_cursor_become_resident_and_stay_zero() {
-        let dir = std::env::temp_dir().join(format!("ringcast-prefault-{}", std::process::id()));
+    /// A new, preallocated file of `len` bytes in a fresh directory (returned for removal), with
+    /// a shared map of it.
+    fn scratch_map(tag: &str, len: usize) -> (std::path::PathBuf, Arc<File>, Arc<MmapRaw>) {
+        let dir = std::env::temp_dir().join(format!("ringcast-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("seg")).unwrap();
-        let len = 4 << 20;
         // SAFETY: plain syscall on a file we own.
         assert_eq!(unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) }, 0);
         let map = Arc::new(MmapOptions::new().len(len).map_raw(&file).unwrap());
+        (dir, Arc::new(file), map)
+    }
+
+    #[test]
+    fn pages_ahead_of_the_cursor_become_resident_and_stay_zero() {
+        let len = 4 << 20;
+        let (dir, _file, map) = scratch_map("prefault", len);
         assert_eq!(resident_pages(&map), 0, "a fresh file has no cached pages");
 
         for populate in [Populate::Read, Populate::Write] {
@@ -218,13 +225,8 @@ mod tests {
 
     #[test]
     fn writeback_is_asked_for_whole_chunks_well_behind_the_cursor() {
-        let dir = std::env::temp_dir().join(format!("ringcast-behind-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("seg")).unwrap();
         let len = 16 << 20;
-        file.set_len(len as u64).unwrap();
-        let file = Arc::new(file);
-        let map = Arc::new(MmapOptions::new().len(len).map_raw(&*file).unwrap());
+        let (dir, file, map) = scratch_map("behind", len);
         // SAFETY: the mapping is alive and `len` bytes long; nothing else uses it.
         let bytes = unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr(), len) };
         for (n, b) in bytes[..12 << 20].iter_mut().enumerate() {

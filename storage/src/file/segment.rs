@@ -143,7 +143,29 @@ fn open_rw(path: &Path, create: bool) -> io::Result<File> {
         .open(path)
 }
 
+/// `made`, or its error after removing the half-made file at `path`.
+fn removing_on_error<T>(path: &Path, made: io::Result<T>) -> io::Result<T> {
+    if made.is_err() {
+        let _ = fs::remove_file(path);
+    }
+    made
+}
+
 impl Segment {
+    fn new(id: u32, path: PathBuf, file: File, map: Map, capacity: u64) -> Segment {
+        Segment {
+            id,
+            path,
+            file: Arc::new(file),
+            map,
+            len: 0,
+            capacity,
+            usage: Usage::default(),
+            populated: 0,
+            written_behind: 0,
+        }
+    }
+
     /// A new, empty, active segment of `capacity` bytes, durable (file and directory entry)
     /// before it is used, so records written to it cannot outlive its name.
     pub fn create(dir: &Path, id: u32, capacity: u64) -> io::Result<Segment> {
@@ -155,23 +177,8 @@ impl Segment {
             sync_dir(dir)?;
             map_rw(&file, capacity)
         })();
-        match made {
-            Ok(map) => Ok(Segment {
-                id,
-                path,
-                file: Arc::new(file),
-                map: Map::Active(map),
-                len: 0,
-                capacity,
-                usage: Usage::default(),
-                populated: 0,
-                written_behind: 0,
-            }),
-            Err(err) => {
-                let _ = fs::remove_file(&path);
-                Err(err)
-            }
-        }
+        let map = removing_on_error(&path, made)?;
+        Ok(Segment::new(id, path, file, Map::Active(map), capacity))
     }
 
     /// A new active segment made from a ready spare file (see `spare`): renamed to its name,
@@ -186,23 +193,8 @@ impl Segment {
             let map = map_rw(&file, capacity)?;
             Ok((file, map))
         })();
-        match made {
-            Ok((file, map)) => Ok(Segment {
-                id,
-                path,
-                file: Arc::new(file),
-                map: Map::Active(map),
-                len: 0,
-                capacity,
-                usage: Usage::default(),
-                populated: 0,
-                written_behind: 0,
-            }),
-            Err(err) => {
-                let _ = fs::remove_file(&path);
-                Err(err)
-            }
-        }
+        let (file, map) = removing_on_error(&path, made)?;
+        Ok(Segment::new(id, path, file, Map::Active(map), capacity))
     }
 
     /// An existing segment, mapped read-only for recovery; `len` is set by the scan.
@@ -211,17 +203,7 @@ impl Segment {
         let file = open_rw(&path, false)?;
         let capacity = file.metadata()?.len();
         let map = map_ro(&file, capacity)?;
-        Ok(Segment {
-            id,
-            path,
-            file: Arc::new(file),
-            map,
-            len: 0,
-            capacity,
-            usage: Usage::default(),
-            populated: 0,
-            written_behind: 0,
-        })
+        Ok(Segment::new(id, path, file, map, capacity))
     }
 
     /// The mapped bytes: records up to `len`, zeros after.

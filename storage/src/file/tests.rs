@@ -737,7 +737,7 @@ fn a_reclaimed_segment_file_is_reused_zeroed_for_a_later_segment() {
     let reused = seg_path(&dir.0, 4);
     assert_eq!(fs::metadata(&reused).unwrap().ino(), inode, "segment 4 is the recycled file");
     let stats = store.stats();
-    assert_eq!((stats.rolls, stats.rolls_on_spare), (3, 1));
+    assert_eq!((stats.rolls.count, stats.rolls.on_spare), (3, 1));
     assert!(!spare_path.exists());
     // Only this segment's own records are in it: zeros after them.
     let seg = &store.segments[&4];
