@@ -2,6 +2,7 @@
 //! (49134) and stream subscriber (3112) WebSocket protocols.
 
 mod caller;
+mod chaos;
 mod conn;
 mod report;
 mod runloop;
@@ -55,8 +56,9 @@ struct Common {
     /// Measurement duration in seconds
     #[arg(long, global = true, default_value_t = 10.0)]
     duration: f64,
-    /// Engine process id: report its RSS (VmRSS) and CPU seconds (utime+stime) over the run
-    #[arg(long, global = true)]
+    /// Engine process id: report its RSS (VmRSS) and CPU seconds (utime+stime) over the run;
+    /// `soak --chaos` also checks its open fds and RSS against their baseline
+    #[arg(long, global = true, visible_alias = "engine-pid")]
     server_pid: Option<u32>,
     /// Print exactly one JSON line at the end instead of the table
     #[arg(long, global = true)]
@@ -160,6 +162,8 @@ enum Cmd {
         /// leave by closing the TCP socket without sending a WebSocket close frame first
         #[arg(long)]
         abrupt_leave: bool,
+        #[command(flatten)]
+        chaos: ChaosFlags,
     },
     /// This machine's delivery ceiling: an in-process bare writer feeding S loopback sockets
     Limit {
@@ -168,6 +172,65 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         payload: usize,
     },
+}
+
+/// `soak --chaos`: misbehaving clients beside the checked subscribers, then the engine's fds
+/// and RSS checked against their baseline (needs --engine-pid)
+#[derive(Args)]
+struct ChaosFlags {
+    /// Run misbehaving clients too: subscribers that vanish with FIN or RST (no Close frame),
+    /// subscribers that stall (never read), workers killed (RST) with calls pending
+    #[arg(long)]
+    chaos: bool,
+    /// chaos clients alive at once; the kinds take turns
+    #[arg(long, default_value_t = 8)]
+    chaos_clients: usize,
+    /// chaos clients started in all (a bound on count; time is bounded by --duration)
+    #[arg(long, default_value_t = 2000)]
+    chaos_max: u64,
+    /// seconds of plain soak before the first chaos client (RSS baseline read at its end)
+    #[arg(long, default_value_t = 1.0)]
+    chaos_warmup: f64,
+    /// seconds a stalled subscriber holds its socket unread before it is inspected (closed by
+    /// the engine with which code, EOF, reset, or still open — then the harness resets it)
+    #[arg(long, default_value_t = 2.0)]
+    stall_hold: f64,
+    /// fail unless the engine closed every stalled subscriber within --stall-hold (use with an
+    /// engine whose ping or slow-subscriber timeout is shorter than the hold)
+    #[arg(long)]
+    stall_must_close: bool,
+    /// calls sent to each worker that is then killed before it answers
+    #[arg(long, default_value_t = 4)]
+    kill_calls: u32,
+    /// seconds a call to a killed worker may stay unanswered before it counts as hung
+    #[arg(long, default_value_t = 5.0)]
+    call_timeout: f64,
+    /// the engine's fd count at the end may differ from its baseline by this many
+    #[arg(long, default_value_t = 2)]
+    fd_tolerance: u64,
+    /// the engine's RSS at the end may exceed its baseline by this many MiB
+    #[arg(long, default_value_t = 64)]
+    rss_slack_mib: u64,
+    /// seconds to wait, polling, for the engine's fds to come back after the last chaos client
+    #[arg(long, default_value_t = 5.0)]
+    settle: f64,
+}
+
+impl ChaosFlags {
+    fn args(&self) -> Option<chaos::ChaosArgs> {
+        self.chaos.then(|| chaos::ChaosArgs {
+            clients: self.chaos_clients,
+            max: self.chaos_max,
+            warmup: self.chaos_warmup,
+            stall_hold: self.stall_hold,
+            stall_must_close: self.stall_must_close,
+            kill_calls: self.kill_calls.max(1),
+            call_timeout: self.call_timeout,
+            fd_tolerance: self.fd_tolerance,
+            rss_slack_mib: self.rss_slack_mib,
+            settle: self.settle,
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -242,6 +305,7 @@ fn main() -> ExitCode {
             min_life,
             max_life,
             abrupt_leave,
+            chaos,
         } => soak::soak(
             c,
             soak::SoakArgs {
@@ -255,6 +319,7 @@ fn main() -> ExitCode {
                 min_life: *min_life,
                 max_life: *max_life,
                 abrupt: *abrupt_leave,
+                chaos: chaos.args(),
             },
         ),
     };

@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::chaos::{self, ChaosArgs};
 use crate::conn::{new_hist, Conn, Mode, Role, ThreadStats};
 use crate::report::{self, count_error, Progress, Report};
 use crate::sys::{self, now_ns, Epoll, Rng, EV_ERR, EV_ET, EV_IN, EV_OUT};
@@ -39,6 +40,8 @@ pub struct SoakArgs {
     pub max_life: f64,
     /// leave by closing the TCP socket without a WebSocket close frame
     pub abrupt: bool,
+    /// misbehaving clients beside the checked ones (`--chaos`)
+    pub chaos: Option<ChaosArgs>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -583,7 +586,7 @@ fn sub_messages(s: &mut Sub, items: u32, publishing: bool, rng: &mut Rng, a: &So
 // ---------------------------------------------------------------------------------------------
 // the run
 
-pub fn soak(c: &Common, a: SoakArgs) -> Result<(Report, bool), String> {
+pub fn soak(c: &Common, mut a: SoakArgs) -> Result<(Report, bool), String> {
     let (wurl, surl) = crate::urls(c, true, true)?;
     let (wurl, surl) = (wurl.unwrap(), surl.unwrap());
     if a.subs == 0 || a.groups == 0 || a.items == 0 {
@@ -595,7 +598,25 @@ pub fn soak(c: &Common, a: SoakArgs) -> Result<(Report, bool), String> {
     if !(a.min_life >= 0.0 && a.max_life >= a.min_life && a.max_life <= 3600.0) {
         return Err("need 0 ≤ --min-life ≤ --max-life ≤ 3600".into());
     }
-    crate::check_fds(a.subs + 8)?;
+    let chaos_args = a.chaos.take();
+    let chaos_pid = match (&chaos_args, c.server_pid) {
+        (Some(_), None) => return Err("--chaos needs --engine-pid (the engine's fds and RSS are checked)".into()),
+        (Some(ch), Some(pid)) => {
+            if ch.clients == 0 || !(ch.warmup >= 0.0 && ch.warmup < c.duration) {
+                return Err("--chaos-clients must be ≥ 1 and --chaos-warmup in [0, --duration)".into());
+            }
+            if !(ch.stall_hold > 0.0 && ch.call_timeout > 0.0 && ch.settle >= 0.0)
+                || ch.stall_hold > 600.0
+                || ch.call_timeout > 600.0
+                || ch.settle > 600.0
+            {
+                return Err("--stall-hold and --call-timeout must be in (0, 600], --settle in [0, 600]".into());
+            }
+            Some(pid)
+        }
+        (None, _) => None,
+    };
+    crate::check_fds(a.subs + 8 + chaos_args.as_ref().map_or(0, |ch| ch.clients))?;
     let mut rng = Rng::seeded();
     let groups = a.groups as usize;
     let mut ep = Epoll::new(1024).map_err(|e| e.to_string())?;
@@ -631,6 +652,18 @@ pub fn soak(c: &Common, a: SoakArgs) -> Result<(Report, bool), String> {
     let initial = std::mem::take(&mut p.conn.initial);
     p.conn.feed(&initial, &mut ts, now_ns());
 
+    // chaos: the caller of killed workers is opened now, so that the fd baseline holds exactly
+    // the harness's long-lived connections (publisher, caller), as the end count does
+    let chaos_caller = match &chaos_args {
+        Some(_) => {
+            let caller = crate::open_worker(&wurl, &mut rng, Mode::Full, Role::Idle)?;
+            caller.sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Some(caller)
+        }
+        None => None,
+    };
+    let fds_base = chaos_pid.and_then(sys::fd_count);
+
     let mut cx = Ctx {
         url: &surl,
         a: &a,
@@ -647,6 +680,24 @@ pub fn soak(c: &Common, a: SoakArgs) -> Result<(Report, bool), String> {
     let t0 = now_ns();
     p.start = t0;
     let pub_end = t0 + (c.duration * 1e9) as u64;
+    // the chaos clients run on their own thread, from the end of the warm-up to `pub_end`
+    let chaos_thread = match (chaos_args, chaos_caller, chaos_pid) {
+        (Some(ch), Some(caller), Some(pid)) => {
+            let (surl, wurl, stream, groups) = (surl.clone(), wurl.clone(), a.stream.clone(), a.groups);
+            let start_at = t0 + (ch.warmup * 1e9) as u64;
+            Some(
+                std::thread::Builder::new()
+                    .name("chaos".into())
+                    .spawn(move || {
+                        let (t, caller) =
+                            chaos::run(&surl, &wurl, &stream, groups, &ch, pid, start_at, pub_end, caller);
+                        (t, caller, ch)
+                    })
+                    .map_err(|e| format!("chaos thread: {e}"))?,
+            )
+        }
+        _ => None,
+    };
     let mut ended_at = 0u64; // when publishing stopped and everyone was told to leave
     let mut abort: Option<String> = None;
     let mut consecutive_connect_errors = 0u32;
@@ -831,6 +882,27 @@ pub fn soak(c: &Common, a: SoakArgs) -> Result<(Report, bool), String> {
     if let Some(why) = abort {
         return Err(format!("soak aborted: {why}"));
     }
+    // chaos: every chaos client is gone when the thread ends; then the engine's fds must come
+    // back to the baseline (polled, bounded) and its RSS stay within its bound
+    let chaos_end = match chaos_thread {
+        Some(h) => {
+            let (t, caller, ch) = h.join().map_err(|_| "the chaos thread panicked".to_string())?;
+            let pid = chaos_pid.unwrap_or_default();
+            let (fds_end, settle_s) = match fds_base {
+                Some(b) => chaos::settle_fds(pid, b, ch.fd_tolerance, ch.settle),
+                None => (None, 0.0),
+            };
+            let end = chaos::EngineEnd {
+                fds_base,
+                fds_end,
+                settle_s,
+                rss_end_kb: sys::proc_snap(pid).map(|s| s.rss_kb),
+            };
+            drop(caller); // counted in both the baseline and the end
+            Some((t, ch, end))
+        }
+        None => None,
+    };
     let cpu1 = sys::self_cpu_secs();
     let proc1 = c.server_pid.and_then(sys::proc_snap);
     let pub_secs = (ended_at.max(t0) - t0) as f64 / 1e9;
@@ -898,6 +970,13 @@ pub fn soak(c: &Common, a: SoakArgs) -> Result<(Report, bool), String> {
     if p.acked == 0 || tot.served == 0 {
         r.note("nothing was checked: no acknowledged set or no subscriber got its sync frame");
         ok = false;
+    }
+    if let Some((t, ch, end)) = &chaos_end {
+        let failed = chaos::report(&mut r, ch, t, end);
+        if !failed.is_empty() {
+            ok = false;
+            r.add("failed_checks", failed.clone(), failed.join("\n      "));
+        }
     }
     let res = if ok { "pass" } else { "FAIL" };
     r.add("result", res, res);

@@ -320,6 +320,40 @@ pub fn proc_snap(pid: u32) -> Option<ProcSnap> {
     })
 }
 
+/// Open file descriptors of process `pid` (entries of /proc/<pid>/fd; needs the same user).
+pub fn fd_count(pid: u32) -> Option<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(dir.filter(|e| e.is_ok()).count() as u64)
+}
+
+/// Makes the next `close` of `fd` abort the connection with an RST instead of a FIN
+/// (`SO_LINGER` on with a zero timeout), as a killed process or a NAT drop looks to the peer.
+pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt with a pointer to a live linger struct and its size.
+    let rc = unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, (&l as *const libc::linger).cast(), std::mem::size_of::<libc::linger>() as libc::socklen_t)
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Shrinks this socket's receive buffer (`SO_RCVBUF`), so a reader that stops reading fills
+/// the sender's queue sooner.
+pub fn set_rcvbuf(fd: RawFd, bytes: i32) -> io::Result<()> {
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&bytes as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Waits until one of `fds` is readable (or hung up), at most `timeout_ms`.
+pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) {
+    let mut p: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    // SAFETY: `p` is a live array of pollfd of the given length.
+    unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,6 +396,20 @@ mod tests {
     }
 
     #[test]
+    fn linger_zero_close_is_a_reset() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        set_linger_zero(client.as_raw_fd()).unwrap();
+        drop(client);
+        let mut buf = [0u8; 8];
+        let e = server.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
     fn id_roundtrip() {
         let mut out = [0u8; 36];
         for &(p, s, t) in &[
@@ -382,6 +430,8 @@ mod tests {
     fn proc_self() {
         let s = proc_snap(std::process::id()).unwrap();
         assert!(s.rss_kb > 0);
+        // stdin/stdout/stderr at least (other tests open and close sockets meanwhile)
+        assert!(fd_count(std::process::id()).unwrap() >= 3);
         assert!(self_cpu_secs() >= 0.0);
     }
 }
