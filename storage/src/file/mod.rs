@@ -90,6 +90,9 @@ pub struct RollStats {
     pub max_us: u64,
 }
 
+/// `(stream, group, item, value)` of an item that belongs to another store.
+pub type ForeignItem = (String, String, String, Json);
+
 /// An unfinished write that `open` found at the end of the log and cut off: it was never synced,
 /// so never acknowledged (see `recovery`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,7 +259,7 @@ impl FileStore {
 
     /// Every item whose (stream, group) `keep` rejects, in list order, for re-homing after a
     /// change of shard count (see [`rehome`]). Changes nothing.
-    pub fn foreign_items(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<(String, String, String, Json)> {
+    pub fn foreign_items(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<ForeignItem> {
         let mut foreign: Vec<(&str, &str, &index::Group)> = self
             .index
             .groups()
@@ -539,7 +542,7 @@ fn record_len(stream: &str, group: &str, item: &str, value: &str) -> Result<usiz
 /// source, at its owner, or in both; the next run moves what is left. A failed step stops the
 /// re-homing with the error (nothing is deleted whose copy is not durable).
 pub fn rehome(stores: &mut [FileStore], owner: impl Fn(&str, &str) -> usize) -> Result<usize, StoreError> {
-    let moves: Vec<(usize, Vec<(String, String, String, Json)>)> = stores
+    let moves: Vec<(usize, Vec<ForeignItem>)> = stores
         .iter()
         .enumerate()
         .map(|(index, store)| (index, store.foreign_items(|s, g| owner(s, g) == index)))

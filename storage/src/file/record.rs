@@ -186,11 +186,10 @@ struct Lengths {
 
 impl Lengths {
     fn read(header: &[u8; HEADER_LEN]) -> Lengths {
-        let u16_at = |i: usize| u16::from_le_bytes([header[i], header[i + 1]]) as usize;
         Lengths {
-            stream: u16_at(2),
-            group: u16_at(4),
-            item: u16_at(6),
+            stream: u16::from_le_bytes([header[2], header[3]]) as usize,
+            group: u16::from_le_bytes([header[4], header[5]]) as usize,
+            item: u16::from_le_bytes([header[6], header[7]]) as usize,
             value: u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize,
         }
     }
