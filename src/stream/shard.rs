@@ -84,6 +84,8 @@ pub struct Shard {
     syncer: Option<Rc<Syncer>>,
     /// Writes applied but not yet durable: their replies and events wait for the commit.
     uncommitted: Vec<(GroupKey, Applied, oneshot::Sender<StoreReply>)>,
+    /// Per group, writes in `uncommitted` or in the commit under way: reads of it wait.
+    uncommitted_writes: HashMap<GroupKey, usize>,
     /// A commit task is running.
     committing: bool,
     /// Joins that must see only committed data; served when no commit is outstanding.
@@ -135,6 +137,7 @@ impl Shard {
             durability,
             syncer,
             uncommitted: Vec::new(),
+            uncommitted_writes: HashMap::new(),
             committing: false,
             deferred_joins: Vec::new(),
             joins_waker: None,
@@ -162,8 +165,9 @@ impl Shard {
     pub fn handle(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Store { key, op, reply } => {
+                let read = matches!(op, StoreOp::Get { .. } | StoreOp::List);
                 let applied = self.store_op(&key, op);
-                self.acknowledge(key, applied, reply);
+                self.acknowledge(key, applied, reply, read);
             }
             ShardMsg::ListGroups { stream, reply } => {
                 let _ = reply.send(self.store.list_groups(&stream));
@@ -207,7 +211,10 @@ impl Shard {
                     }
                 }
             }
-            StoreOp::Get { item } => Ok(self.store.get(stream, group, &item).as_ref().map(parse_stored)),
+            StoreOp::Get { item } => match self.store.health() {
+                Ok(()) => Ok(self.store.get(stream, group, &item).as_ref().map(parse_stored)),
+                Err(e) => storage_error("STREAM_STORE_ERROR", e.to_string()),
+            },
             StoreOp::Delete { item } => match self.store.delete(stream, group, &item) {
                 Ok(old) => {
                     if let Some(old) = &old {
@@ -218,10 +225,10 @@ impl Shard {
                 }
                 Err(e) => storage_error("STREAM_DELETE_ERROR", format!("Failed to delete value: {e}")),
             },
-            StoreOp::List => {
-                let values: Vec<Value> = self.store.list(stream, group).iter().map(parse_stored).collect();
-                Ok(Some(Value::Array(values)))
-            }
+            StoreOp::List => match self.store.health() {
+                Ok(()) => Ok(Some(Value::Array(self.store.list(stream, group).iter().map(parse_stored).collect()))),
+                Err(e) => storage_error("STREAM_STORE_ERROR", e.to_string()),
+            },
             StoreOp::Update { item, ops } => {
                 let old = self.store.get(stream, group, &item);
                 let old_value = old.as_ref().map(parse_stored);
@@ -261,14 +268,29 @@ impl Shard {
     }
 
     /// Answers a storage operation once it is as durable as configured, publishing its event
-    /// at the same moment: subscribers never see a write a crash could take back.
-    fn acknowledge(&mut self, key: GroupKey, applied: Applied, reply: oneshot::Sender<StoreReply>) {
-        if applied.wrote && self.syncer.is_some() {
+    /// at the same moment: subscribers never see a write a crash could take back. A read
+    /// (`read`) of a group with writes still waiting for their commit waits behind them, in
+    /// order, so no caller sees a value a crash (or a failed sync) could take back either.
+    fn acknowledge(&mut self, key: GroupKey, applied: Applied, reply: oneshot::Sender<StoreReply>, read: bool) {
+        if self.syncer.is_some() && (applied.wrote || (read && self.uncommitted_writes.contains_key(&key))) {
+            if applied.wrote {
+                *self.uncommitted_writes.entry(key.clone()).or_default() += 1;
+            }
             self.uncommitted.push((key, applied, reply));
             self.schedule_commit();
             return;
         }
         self.finish(key, applied, reply);
+    }
+
+    /// A write of `key` left the commit queue (answered either way).
+    fn write_committed(&mut self, key: &GroupKey) {
+        if let Some(count) = self.uncommitted_writes.get_mut(key) {
+            *count -= 1;
+            if *count == 0 {
+                self.uncommitted_writes.remove(key);
+            }
+        }
     }
 
     fn finish(&mut self, key: GroupKey, applied: Applied, reply: oneshot::Sender<StoreReply>) {
@@ -320,6 +342,9 @@ impl Shard {
                 };
                 let mut s = this.borrow_mut();
                 for (key, applied, reply) in batch {
+                    if applied.wrote {
+                        s.write_committed(&key);
+                    }
                     let applied = match &outcome {
                         Ok(()) => applied,
                         Err(e) => not_durable(applied, e),
@@ -617,10 +642,12 @@ enum OpKind {
     Ephemeral,
 }
 
-/// A write whose commit failed: the caller gets an error and subscribers no event.
+/// A write whose commit failed, or a read that waited for it: the caller gets an error and
+/// subscribers no event. The store has stopped (fail-stop) and answers errors from now on.
 fn not_durable(applied: Applied, error: &std::io::Error) -> Applied {
+    let what = if applied.wrote { "the write could not be made durable" } else { "the read waited for a write that could not be made durable" };
     Applied {
-        result: Err(("STREAM_STORE_ERROR".to_string(), format!("the write could not be made durable: {error}"))),
+        result: Err(("STREAM_STORE_ERROR".to_string(), format!("{what}: the file store failed ({error}); restart the engine"))),
         event: None,
         wrote: applied.wrote,
     }

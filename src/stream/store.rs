@@ -26,14 +26,52 @@ fn shard_dir(root: &Path, shard: usize) -> PathBuf {
     root.join(format!("shard-{shard}"))
 }
 
+/// Test-only fault injection: when set to a number N, every file store a shard opens fails its
+/// fdatasync calls after N successful ones (as a disk write error would). For the fault tests
+/// (tests/faults_disk.rs); never set it in production.
+pub const FAIL_SYNC_AFTER_ENV: &str = "RINGCAST_TEST_FAIL_SYNC_AFTER";
+
+/// Opens a file store directory, logging a torn tail that recovery cut off.
+fn open_file_store(dir: &Path, kv: &KvConfig) -> Result<FileStore, String> {
+    let store = FileStore::open(dir, options(kv)).map_err(|e| e.to_string())?;
+    if let Some(torn) = store.torn_tail() {
+        tracing::warn!(
+            file = %torn.file.display(),
+            offset = torn.offset,
+            bytes = torn.bytes,
+            "file store: cut off an unfinished write at the end of the log (left by a crash, never acknowledged)"
+        );
+    }
+    Ok(store)
+}
+
+/// Logs a store's failure once (whichever thread sees it first), as one clear line.
+fn report_failure(store: &FileStore) {
+    if let Some(why) = store.flush_handle().failure_to_report() {
+        report_failure_text(store.dir().display(), &why);
+    }
+}
+
+fn report_failure_text(store: impl std::fmt::Display, why: &str) {
+    tracing::error!(
+        "file store {store} failed ({why}): writes since the last successful sync may not be on disk; \
+         it now refuses reads and writes with STREAM_STORE_ERROR until the engine is restarted"
+    );
+}
+
 impl ShardStore {
     /// Opens shard `index`'s store as configured.
     pub fn open(kv: &KvConfig, index: usize) -> Result<ShardStore, String> {
         match kv.store_method {
             StoreMethod::InMemory => Ok(ShardStore::Memory(MemoryStore::new())),
-            StoreMethod::FileBased => FileStore::open(&shard_dir(Path::new(&kv.file_path), index), options(kv))
-                .map(|store| ShardStore::File(Box::new(store)))
-                .map_err(|e| e.to_string()),
+            StoreMethod::FileBased => {
+                let store = open_file_store(&shard_dir(Path::new(&kv.file_path), index), kv)?;
+                if let Some(after) = std::env::var(FAIL_SYNC_AFTER_ENV).ok().and_then(|v| v.parse().ok()) {
+                    tracing::warn!("{FAIL_SYNC_AFTER_ENV}={after}: fdatasync fault injection is on (tests only)");
+                    store.inject_sync_failure_after(after);
+                }
+                Ok(ShardStore::File(Box::new(store)))
+            }
         }
     }
 
@@ -74,10 +112,14 @@ impl KvStore for ShardStore {
         self.kv().get(stream, group, item)
     }
     fn set(&mut self, stream: &str, group: &str, item: &str, value: Json) -> Result<Option<Json>, StoreError> {
-        self.kv_mut().set(stream, group, item, value)
+        let result = self.kv_mut().set(stream, group, item, value);
+        self.report_if_failed(&result);
+        result
     }
     fn delete(&mut self, stream: &str, group: &str, item: &str) -> Result<Option<Json>, StoreError> {
-        self.kv_mut().delete(stream, group, item)
+        let result = self.kv_mut().delete(stream, group, item);
+        self.report_if_failed(&result);
+        result
     }
     fn list(&self, stream: &str, group: &str) -> Vec<Json> {
         self.kv().list(stream, group)
@@ -87,6 +129,18 @@ impl KvStore for ShardStore {
     }
     fn list_streams(&self) -> Vec<(String, Vec<String>)> {
         self.kv().list_streams()
+    }
+    fn health(&self) -> Result<(), StoreError> {
+        self.kv().health()
+    }
+}
+
+impl ShardStore {
+    /// A write can stop the store itself (a failed sync at a segment roll): log that once.
+    fn report_if_failed<T>(&self, result: &Result<T, StoreError>) {
+        if let (Err(_), ShardStore::File(store)) = (result, self) {
+            report_failure(store);
+        }
     }
 }
 
@@ -107,29 +161,14 @@ fn existing_shards(root: &Path) -> Vec<usize> {
 pub fn prepare(kv: &KvConfig, shards: usize) -> Result<(), String> {
     let root = Path::new(&kv.file_path);
     std::fs::create_dir_all(root).map_err(|e| format!("iii-stream: cannot create {}: {e}", root.display()))?;
-    let open = |index: usize| {
-        FileStore::open(&shard_dir(root, index), options(kv)).map_err(|e| format!("iii-stream: {e}"))
-    };
-    let mut stores: Vec<FileStore> = (0..shards).map(open).collect::<Result<_, _>>()?;
+    let open = |index: usize| open_file_store(&shard_dir(root, index), kv).map_err(|e| format!("iii-stream: {e}"));
     let stale: Vec<usize> = existing_shards(root).into_iter().filter(|&i| i >= shards).collect();
-    let mut moved = 0usize;
-    let mut sources = Vec::new();
-    for index in (0..shards).chain(stale.iter().copied()) {
-        let mut source = if index < shards { None } else { Some(open(index)?) };
-        let store = source.as_mut().unwrap_or_else(|| &mut stores[index]);
-        let foreign = store.drain_foreign(|s, g| index < shards && ringcast_shards::routing::owner_shard(s, g, shards) == index);
-        for (stream, group, item, value) in foreign {
-            let owner = ringcast_shards::routing::owner_shard(&stream, &group, shards);
-            stores[owner].set(&stream, &group, &item, value).map_err(|e| format!("iii-stream: re-homing failed: {e}"))?;
-            moved += 1;
-        }
-        sources.extend(source);
-    }
-    // Targets are made durable before the sources' deletions.
-    for store in stores.iter_mut().chain(sources.iter_mut()) {
-        store.sync().map_err(|e| format!("iii-stream: cannot sync {}: {e}", store.dir().display()))?;
-    }
-    drop(sources);
+    // Current shards first (index = shard), then the stale ones, which own nothing.
+    let mut stores: Vec<FileStore> = (0..shards).chain(stale.iter().copied()).map(open).collect::<Result<_, _>>()?;
+    // Copies are synced at their owners before any source deletes (see `rehome`).
+    let moved = ringcast_storage::file::rehome(&mut stores, |s, g| ringcast_shards::routing::owner_shard(s, g, shards))
+        .map_err(|e| format!("iii-stream: re-homing failed: {e}"))?;
+    drop(stores);
     for index in stale {
         let dir = shard_dir(root, index);
         std::fs::remove_dir_all(&dir).map_err(|e| format!("iii-stream: cannot remove {}: {e}", dir.display()))?;
@@ -150,7 +189,11 @@ impl Syncer {
         let (requests, inbox) = std::sync::mpsc::channel::<oneshot::Sender<std::io::Result<()>>>();
         let spawned = std::thread::Builder::new().name(format!("ringcast-sync-{shard}")).spawn(move || {
             for reply in inbox {
-                let _ = reply.send(handle.sync());
+                let result = handle.sync();
+                if let Some(why) = result.as_ref().err().and_then(|_| handle.failure_to_report()) {
+                    report_failure_text(format_args!("of shard {shard}"), &why);
+                }
+                let _ = reply.send(result);
             }
         });
         if let Err(e) = spawned {

@@ -41,6 +41,12 @@ pub trait KvStore {
     fn list_groups(&self, stream: &str) -> Vec<String>;
     /// Every stream with its non-empty groups, both sorted.
     fn list_streams(&self) -> Vec<(String, Vec<String>)>;
+    /// Whether the store still serves reads and writes; a file store stops for good after a
+    /// failed `fdatasync` (fail-stop, see `file::sync`), and its callers must then not serve
+    /// what `get` and `list` return.
+    fn health(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Hashing of the stores' maps: foldhash, several times faster than the standard SipHash on

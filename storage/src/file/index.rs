@@ -44,7 +44,7 @@ pub struct Tomb {
     pub oldest: u32,
 }
 
-type Group = Items<Entry>;
+pub type Group = Items<Entry>;
 
 #[derive(Default)]
 pub struct Index {

@@ -21,6 +21,8 @@ mod spare;
 mod sync;
 
 #[cfg(test)]
+mod fault_tests;
+#[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
 mod tests;
@@ -37,6 +39,7 @@ use crate::{Json, KvStore, StoreError};
 pub use compaction::CompactProgress;
 pub use prefault::Populate;
 pub use repair::{repair, RepairReport};
+pub use recovery::{recover_segment_bytes, RecoveredBytes};
 pub use sync::FlushHandle;
 
 use index::{Entry, Index, Loc, Tomb};
@@ -85,6 +88,20 @@ pub struct RollStats {
     pub on_spare: u64,
     pub total_us: u64,
     pub max_us: u64,
+}
+
+/// `(stream, group, item, value)` of an item that belongs to another store.
+pub type ForeignItem = (String, String, String, Json);
+
+/// An unfinished write that `open` found at the end of the log and cut off: it was never synced,
+/// so never acknowledged (see `recovery`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    pub file: PathBuf,
+    /// Where the cut-off bytes started: the new end of the log.
+    pub offset: u64,
+    /// How many non-zero bytes were dropped from there on.
+    pub bytes: u64,
 }
 
 /// Why a store directory cannot be opened.
@@ -160,6 +177,8 @@ pub struct FileStore {
     /// A reclaimed segment file being prepared for reuse, or ready.
     spare: Option<spare::Spare>,
     rolls: RollStats,
+    /// What open cut off the end of the last segment (a write a crash left unfinished).
+    torn_tail: Option<TornTail>,
     /// Held while open: one store per directory.
     _lock: fs::File,
 }
@@ -196,6 +215,34 @@ impl FileStore {
         self.sync.sync()
     }
 
+    /// The unfinished write that `open` cut off the end of the log, if there was one.
+    pub fn torn_tail(&self) -> Option<&TornTail> {
+        self.torn_tail.as_ref()
+    }
+
+    /// Why the store stopped serving (an `fdatasync` failed), if it did; see `sync`.
+    pub fn failure(&self) -> Option<&str> {
+        self.sync.failure()
+    }
+
+    /// Fault injection for tests only: after `after` more successful `fdatasync` calls, every
+    /// sync fails with EIO. See [`FlushHandle::inject_sync_failure_after`].
+    #[doc(hidden)]
+    pub fn inject_sync_failure_after(&self, after: u64) {
+        self.sync.fail_syncs_after(after);
+    }
+
+    /// Fail-stop: once a sync failed, nothing is read or written (see `sync`).
+    fn check_healthy(&self) -> Result<(), StoreError> {
+        match self.sync.failure() {
+            None => Ok(()),
+            Some(why) => Err(StoreError(format!(
+                "file store {} failed ({why}) and serves nothing more; restart the engine",
+                self.dir.display()
+            ))),
+        }
+    }
+
     pub fn stats(&self) -> StoreStats {
         let mut stats = StoreStats {
             segments: self.segments.len(),
@@ -210,37 +257,19 @@ impl FileStore {
         stats
     }
 
-    /// Removes every item whose (stream, group) `keep` rejects, writing delete records, and
-    /// returns them in list order so the caller can insert them into the shard that now owns
-    /// them (after a change of shard count). The caller should make the new copies durable
-    /// before syncing this store; if a crash comes in between, the items are in both places and
-    /// the next drain moves them again. On a write error it stops and returns what it removed;
-    /// the rest stay here for a later call.
-    pub fn drain_foreign(
-        &mut self,
-        keep: impl Fn(&str, &str) -> bool,
-    ) -> Vec<(String, String, String, Json)> {
-        let mut foreign: Vec<(String, String, Vec<String>)> = self
+    /// Every item whose (stream, group) `keep` rejects, in list order, for re-homing after a
+    /// change of shard count (see [`rehome`]). Changes nothing.
+    pub fn foreign_items(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<ForeignItem> {
+        let mut foreign: Vec<(&str, &str, &index::Group)> = self
             .index
             .groups()
             .filter(|(stream, group, _)| !keep(stream, group))
-            .map(|(stream, group, items)| {
-                (
-                    stream.to_owned(),
-                    group.to_owned(),
-                    items.keys().cloned().collect(),
-                )
-            })
             .collect();
-        foreign.sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        foreign.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         let mut out = Vec::new();
         for (stream, group, items) in foreign {
-            for item in items {
-                match self.delete(&stream, &group, &item) {
-                    Ok(Some(value)) => out.push((stream.clone(), group.clone(), item, value)),
-                    Ok(None) => {}
-                    Err(_) => return out,
-                }
+            for (item, entry) in items {
+                out.push((stream.to_owned(), group.to_owned(), item.clone(), self.read(entry.loc)));
             }
         }
         out
@@ -387,7 +416,7 @@ impl FileStore {
         let old = &self.segments[&old_id];
         if old.len > 0 {
             old.unmap_pages();
-            old.file.sync_data()?;
+            self.sync.sync_file(&old.file)?;
         }
         let new_id = old_id
             .checked_add(1)
@@ -504,6 +533,49 @@ fn record_len(stream: &str, group: &str, item: &str, value: &str) -> Result<usiz
     record::encoded_len(stream.len(), group.len(), item.len(), value.len()).map_err(|e| StoreError(e.0))
 }
 
+/// Moves every item to the store that owns its group after a change of shard count:
+/// `owner(stream, group)` is the index in `stores` of the store that keeps it (stores past the
+/// last owner are emptied). Returns how many items moved.
+///
+/// Crash-safe by order: every copy is written and synced at its new owner before any delete
+/// record is written at a source, so a crash or error at any point leaves each item at its
+/// source, at its owner, or in both; the next run moves what is left. A failed step stops the
+/// re-homing with the error (nothing is deleted whose copy is not durable).
+pub fn rehome(stores: &mut [FileStore], owner: impl Fn(&str, &str) -> usize) -> Result<usize, StoreError> {
+    let moves: Vec<(usize, Vec<ForeignItem>)> = stores
+        .iter()
+        .enumerate()
+        .map(|(index, store)| (index, store.foreign_items(|s, g| owner(s, g) == index)))
+        .filter(|(_, items)| !items.is_empty())
+        .collect();
+    let mut moved = 0;
+    let mut targets = vec![false; stores.len()];
+    for (_, items) in &moves {
+        for (stream, group, item, value) in items {
+            let to = owner(stream, group);
+            let Some(target) = stores.get_mut(to) else {
+                return Err(StoreError(format!("re-homing: no store {to} for {stream}/{group}")));
+            };
+            target.set(stream, group, item, value.clone())?;
+            if let Some(t) = targets.get_mut(to) {
+                *t = true;
+            }
+        }
+    }
+    for (store, _) in stores.iter_mut().zip(&targets).filter(|(_, &t)| t) {
+        store.sync().map_err(|err| store.io_error(err))?;
+    }
+    for (from, items) in &moves {
+        let Some(source) = stores.get_mut(*from) else { continue };
+        for (stream, group, item, _) in items {
+            source.delete(stream, group, item)?;
+            moved += 1;
+        }
+        source.sync().map_err(|err| source.io_error(err))?;
+    }
+    Ok(moved)
+}
+
 impl KvStore for FileStore {
     fn get(&self, stream: &str, group: &str, item: &str) -> Option<Json> {
         self.index.get(stream, group, item).map(|e| self.read(e.loc))
@@ -516,6 +588,7 @@ impl KvStore for FileStore {
         item: &str,
         value: Json,
     ) -> Result<Option<Json>, StoreError> {
+        self.check_healthy()?;
         let loc = self.reserve(record_len(stream, group, item, &value)?, value.len())?;
         // The record's place is known before it is written: one index lookup serves both.
         let existing = self.index.get_mut(stream, group, item).map(|entry| {
@@ -547,6 +620,7 @@ impl KvStore for FileStore {
     }
 
     fn delete(&mut self, stream: &str, group: &str, item: &str) -> Result<Option<Json>, StoreError> {
+        self.check_healthy()?;
         let Some(old) = self.index.get(stream, group, item).copied() else {
             return Ok(None);
         };
@@ -580,5 +654,9 @@ impl KvStore for FileStore {
 
     fn list_streams(&self) -> Vec<(String, Vec<String>)> {
         self.index.list_streams()
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        self.check_healthy()
     }
 }

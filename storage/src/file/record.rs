@@ -20,8 +20,12 @@
 //! ARMv8 CRC), taken in one pass over the record as it lies in the segment: the checksum had
 //! been about a tenth of a `set`. Version 1 records (stores written
 //! by earlier releases) are still read, and compaction copies them unchanged.
+//!
+//! Decoding must never panic on any bytes a file holds: no indexing, no unwraps.
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 
 use std::fmt;
+use std::ops::Range;
 
 /// First byte of a record of the format written now (version 2). The magic bytes differ from
 /// `0` (end) and from each other in at least two bits, so no single bit flip turns one into
@@ -35,6 +39,8 @@ pub fn is_magic(byte: u8) -> bool {
     byte == MAGIC || byte == MAGIC_V1
 }
 pub const HEADER_LEN: usize = 24;
+/// Where the checksum lies in the header.
+pub const CRC_RANGE: Range<usize> = 20..24;
 /// Longest stream name, group id or item id: their lengths are `u16`.
 pub const MAX_NAME_LEN: usize = u16::MAX as usize;
 /// Longest whole record: offsets and lengths in the index are `u32`.
@@ -108,7 +114,8 @@ pub fn encoded_len(stream: usize, group: usize, item: usize, value: usize) -> Re
     }
 }
 
-/// Writes a record into `dst`, which must be exactly `encoded_len(..)` bytes long.
+/// Writes a record into `dst`, which must be exactly `encoded_len(..)` bytes long (a shorter
+/// one gets only what fits, and no checksum: it reads back as invalid).
 pub fn encode_into(dst: &mut [u8], kind: Kind, seq: u64, stream: &str, group: &str, item: &str, value: &str) {
     debug_assert_eq!(
         Ok(dst.len()),
@@ -124,15 +131,22 @@ pub fn encode_into(dst: &mut [u8], kind: Kind, seq: u64, stream: &str, group: &s
     header[6..8].copy_from_slice(&(item.len() as u16).to_le_bytes());
     header[8..12].copy_from_slice(&(value.len() as u32).to_le_bytes());
     header[12..20].copy_from_slice(&seq.to_le_bytes());
-    let (head, payload) = dst.split_at_mut(HEADER_LEN);
+    let Some((head, mut payload)) = dst.split_at_mut_checked(HEADER_LEN) else {
+        return;
+    };
     head.copy_from_slice(&header);
-    let mut at = 0;
     for part in [stream, group, item, value] {
-        payload[at..at + part.len()].copy_from_slice(part.as_bytes());
-        at += part.len();
+        let Some((this, rest)) = std::mem::take(&mut payload).split_at_mut_checked(part.len()) else {
+            return;
+        };
+        this.copy_from_slice(part.as_bytes());
+        payload = rest;
     }
+    // The checksum is written last: a record cut short by a crash has none (see `recovery`).
     let crc = crc32c::crc32c(dst);
-    dst[20..24].copy_from_slice(&crc.to_le_bytes());
+    if let Some(field) = dst.get_mut(CRC_RANGE) {
+        field.copy_from_slice(&crc.to_le_bytes());
+    }
 }
 
 /// An encoded record in a fresh buffer.
@@ -171,19 +185,28 @@ struct Lengths {
 }
 
 impl Lengths {
-    fn read(header: &[u8]) -> Lengths {
-        let u16_at = |i: usize| u16::from_le_bytes([header[i], header[i + 1]]) as usize;
+    fn read(header: &[u8; HEADER_LEN]) -> Lengths {
         Lengths {
-            stream: u16_at(2),
-            group: u16_at(4),
-            item: u16_at(6),
-            value: u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) as usize,
+            stream: u16::from_le_bytes([header[2], header[3]]) as usize,
+            group: u16::from_le_bytes([header[4], header[5]]) as usize,
+            item: u16::from_le_bytes([header[6], header[7]]) as usize,
+            value: u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize,
         }
     }
 
     fn total(&self) -> usize {
-        HEADER_LEN + self.stream + self.group + self.item + self.value
+        // At most 3 * 65535 + 2^32 + 24: no overflow on 64-bit targets, and saturating elsewhere.
+        HEADER_LEN
+            .saturating_add(self.stream)
+            .saturating_add(self.group)
+            .saturating_add(self.item)
+            .saturating_add(self.value)
     }
+}
+
+/// The fixed-size header at the start of `buf`, if `buf` is that long.
+fn header_of(buf: &[u8]) -> Option<&[u8; HEADER_LEN]> {
+    buf.get(..HEADER_LEN)?.try_into().ok()
 }
 
 /// Reads the record that starts at `buf[0]` (`buf` runs to the end of the segment), checking
@@ -205,26 +228,26 @@ fn parse(buf: &[u8], verify: bool) -> Decoded<'_> {
         Some(&b) if is_magic(b) => b,
         Some(_) => return Decoded::Invalid,
     };
-    if buf.len() < HEADER_LEN {
-        return Decoded::Invalid;
-    }
-    let header = &buf[..HEADER_LEN];
-    let Some(kind) = Kind::from_byte(header[1]) else {
-        return Decoded::Invalid;
-    };
+    parse_record(buf, magic, verify).map_or(Decoded::Invalid, Decoded::Record)
+}
+
+/// The record at `buf[0]` (whose magic byte is `magic`), or `None` if it is not whole and intact.
+fn parse_record(buf: &[u8], magic: u8, verify: bool) -> Option<RecordRef<'_>> {
+    let header = header_of(buf)?;
+    let kind = Kind::from_byte(header[1])?;
     let lens = Lengths::read(header);
     let total = lens.total();
-    if total > buf.len() || (kind == Kind::Delete && lens.value != 0) {
-        return Decoded::Invalid;
+    if total > MAX_RECORD_LEN || (kind == Kind::Delete && lens.value != 0) {
+        return None;
     }
-    let payload = &buf[HEADER_LEN..total];
-    let crc = u32::from_le_bytes(header[20..24].try_into().expect("4 bytes"));
+    let payload = buf.get(HEADER_LEN..total)?;
+    let crc = u32::from_le_bytes([header[20], header[21], header[22], header[23]]);
     if verify && checksum(magic, &header[..20], payload) != crc {
-        return Decoded::Invalid;
+        return None;
     }
-    let (stream, rest) = payload.split_at(lens.stream);
-    let (group, rest) = rest.split_at(lens.group);
-    let (item, value) = rest.split_at(lens.item);
+    let (stream, rest) = payload.split_at_checked(lens.stream)?;
+    let (group, rest) = rest.split_at_checked(lens.group)?;
+    let (item, value) = rest.split_at_checked(lens.item)?;
     let text = |bytes| {
         if verify {
             std::str::from_utf8(bytes).ok()
@@ -235,17 +258,15 @@ fn parse(buf: &[u8], verify: bool) -> Decoded<'_> {
             Some(unsafe { std::str::from_utf8_unchecked(bytes) })
         }
     };
-    let (Some(stream), Some(group), Some(item), Some(value)) = (text(stream), text(group), text(item), text(value))
-    else {
-        return Decoded::Invalid;
-    };
-    Decoded::Record(RecordRef {
+    Some(RecordRef {
         kind,
-        seq: u64::from_le_bytes(header[12..20].try_into().expect("8 bytes")),
-        stream,
-        group,
-        item,
-        value,
+        seq: u64::from_le_bytes([
+            header[12], header[13], header[14], header[15], header[16], header[17], header[18], header[19],
+        ]),
+        stream: text(stream)?,
+        group: text(group)?,
+        item: text(item)?,
+        value: text(value)?,
         len: total,
     })
 }
@@ -258,16 +279,17 @@ pub fn claimed_len(buf: &[u8]) -> usize {
     if !magic_ok {
         return 1;
     }
-    if buf.len() < HEADER_LEN || buf[0] == 0 {
+    let Some(header) = header_of(buf).filter(|h| h[0] != 0) else {
         return HEADER_LEN;
-    }
-    if Kind::from_byte(buf[1]).is_none() {
+    };
+    if Kind::from_byte(header[1]).is_none() {
         return 2;
     }
-    Lengths::read(&buf[..HEADER_LEN]).total()
+    Lengths::read(header).total()
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -14,11 +14,18 @@
 //! Only the active segment can hold unsynced records: the owner syncs a segment before it seals
 //! it (see `FileStore::roll`), so the handle needs just the active file, swapped under a mutex
 //! at each roll, after the old one was synced.
+//!
+//! A failed `fdatasync` is final (fail-stop): Linux reports a writeback error once per file and
+//! may have dropped the dirty pages it could not write, so a later sync that succeeds proves
+//! nothing about them. The first failure latches `failed`; from then on every sync answers that
+//! error without touching the disk, the durable mark never moves again, and the store refuses
+//! reads and writes (see `FileStore::check_healthy`). Only a restart, which re-reads what is on
+//! disk, clears it.
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub(super) struct Shared {
     active: Mutex<Arc<File>>,
@@ -26,6 +33,14 @@ pub(super) struct Shared {
     pub(super) written: AtomicU64,
     /// The highest `written` value known durable.
     pub(super) synced: AtomicU64,
+    /// Set once by the first failed sync (see module doc); says why.
+    failure: OnceLock<String>,
+    /// Quick check of `failure` on the write and read paths.
+    failed: AtomicBool,
+    /// Whether the failure was handed out for the operator's log (see `failure_to_report`).
+    reported: AtomicBool,
+    /// Test hook: this many more syncs succeed, then they fail (`u64::MAX`: never).
+    fail_after: AtomicU64,
 }
 
 impl Shared {
@@ -34,7 +49,59 @@ impl Shared {
             active: Mutex::new(active),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
+            failure: OnceLock::new(),
+            failed: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
+            fail_after: AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// Why the store stopped, once a sync has failed.
+    pub fn failure(&self) -> Option<&str> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.failure.get().map(String::as_str)
+    }
+
+    /// The failure, the first time it is asked for after the store stopped; then `None`. Lets
+    /// every thread that sees an error log it without logging it twice.
+    pub fn failure_to_report(&self) -> Option<&str> {
+        let why = self.failure()?;
+        (!self.reported.swap(true, Ordering::AcqRel)).then_some(why)
+    }
+
+    /// The error every sync answers once the store has stopped.
+    fn failed_error(&self) -> Option<io::Error> {
+        self.failure().map(|why| io::Error::other(format!("the store failed earlier ({why}); restart the engine")))
+    }
+
+    /// `fdatasync` of `file`, latching the store failed if it fails (see module doc). Every
+    /// data sync of the store goes through here, at rolls too.
+    pub fn sync_file(&self, file: &std::fs::File) -> io::Result<()> {
+        if let Some(err) = self.failed_error() {
+            return Err(err);
+        }
+        // Counts down to 0, then stays there: every later sync fails.
+        let injected = self
+            .fail_after
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n != u64::MAX && n != 0).then(|| n - 1))
+            == Err(0);
+        let result = if injected {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            file.sync_data()
+        };
+        if let Err(err) = &result {
+            let _ = self.failure.set(format!("fdatasync failed: {err}"));
+            self.failed.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    /// Test hook: after `after` more successful syncs, every sync fails with EIO.
+    pub fn fail_syncs_after(&self, after: u64) {
+        self.fail_after.store(after, Ordering::Release);
     }
 
     /// Called by the owner after a record is in the map. Only the owner changes `written`, so
@@ -68,11 +135,14 @@ impl Shared {
         // Load the count before picking the file: a record counted here is in that file or in
         // one that was synced before it stopped being the active one.
         let target = self.written.load(Ordering::Acquire);
+        if let Some(err) = self.failed_error() {
+            return Err(err);
+        }
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(());
         }
         let file = self.active.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        file.sync_data()?;
+        self.sync_file(&file)?;
         self.synced.fetch_max(target, Ordering::Release);
         Ok(())
     }
@@ -89,6 +159,23 @@ impl FlushHandle {
     /// nothing new was written since the last sync.
     pub fn sync(&self) -> io::Result<()> {
         self.shared.sync()
+    }
+
+    /// Why the store stopped taking reads and writes (a sync failed), if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure().map(str::to_owned)
+    }
+
+    /// The failure, only to the first caller that asks after the store stopped: for one log line.
+    pub fn failure_to_report(&self) -> Option<String> {
+        self.shared.failure_to_report().map(str::to_owned)
+    }
+
+    /// Fault injection for tests only: after `after` more successful `fdatasync` calls, every
+    /// sync of this store fails with EIO (as a disk write error would), at a commit or a roll.
+    #[doc(hidden)]
+    pub fn inject_sync_failure_after(&self, after: u64) {
+        self.shared.fail_syncs_after(after);
     }
 }
 
