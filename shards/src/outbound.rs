@@ -51,6 +51,9 @@ struct State {
     waker: Option<Waker>,
     /// Quietly pushed frames wait for a `flush`.
     flush_due: bool,
+    /// The first frame is the unsent rest of a frame `flush` wrote in part: it must be written
+    /// whole, even by a close, or the peer's framing breaks.
+    partial_head: bool,
 }
 
 impl State {
@@ -99,6 +102,7 @@ impl OutQueue {
             closing: None,
             waker: None,
             flush_due: false,
+            partial_head: false,
         };
         OutQueue { state: Rc::new(RefCell::new(state)), limit: limit_bytes }
     }
@@ -174,6 +178,7 @@ impl OutQueue {
                 state.frames.pop_front();
             } else {
                 *front = front.slice(done..);
+                state.partial_head = true;
                 done = 0;
             }
         }
@@ -190,10 +195,14 @@ impl OutQueue {
         if state.closing.is_some() {
             return;
         }
-        // The writer's batch stays counted until it is written or the queue is dropped.
+        // The writer's batch stays counted until it is written or the queue is dropped, and so
+        // does the rest of a partly sent frame, which is kept.
+        let head = if std::mem::take(&mut state.partial_head) { state.frames.pop_front() } else { None };
         state.frames.clear();
-        state.shard_total.fetch_sub(state.bytes, Ordering::Relaxed);
-        state.bytes = 0;
+        let kept = head.as_ref().map_or(0, Bytes::len);
+        state.shard_total.fetch_sub(state.bytes - kept, Ordering::Relaxed);
+        state.bytes = kept;
+        state.frames.extend(head);
         state.closing = Some(close);
         if let Some(waker) = state.waker.take() {
             waker.wake();
@@ -237,6 +246,7 @@ impl OutQueue {
             state.shard_total.fetch_sub(finished, Ordering::Relaxed);
             state.progressed(finished);
             if !state.frames.is_empty() {
+                state.partial_head = false;
                 state.writing = std::mem::take(&mut state.bytes);
                 return Poll::Ready(Batch::Frames(state.frames.drain(..).collect()));
             }
@@ -433,5 +443,41 @@ mod tests {
             assert_eq!(batches, vec![5, left]);
         });
     }
-}
 
+    #[test]
+    fn close_keeps_the_rest_of_a_partly_flushed_frame() {
+        use std::os::fd::AsRawFd;
+        let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let total = Arc::new(AtomicUsize::new(0));
+        let q = OutQueue::new(1 << 30, total.clone());
+        block_on(async {
+            let writer = q.clone();
+            let task = glommio::spawn_local(async move {
+                let mut got = Vec::new();
+                loop {
+                    match writer.next_batch().await {
+                        Batch::Frames(frames) => got.push(frames.iter().map(|f| f.len()).sum::<usize>()),
+                        Batch::Close(frame) => {
+                            got.push(frame.len());
+                            return got;
+                        }
+                    }
+                }
+            });
+            while q.state.borrow().waker.is_none() {
+                yield_once().await;
+            }
+            let big = Bytes::from(vec![7u8; 4 << 20]);
+            q.push_quiet(big.clone());
+            q.flush(ours.as_raw_fd(), &mut Vec::new());
+            let left = q.queued_bytes();
+            assert!(left > 0 && left < big.len(), "part written ({left} left)");
+            q.push_quiet(Bytes::from_static(b"dropped"));
+            q.close(Bytes::from_static(b"bye"));
+            assert_eq!(q.queued_bytes(), left, "the rest of the partly sent frame stays");
+            assert_eq!(task.await, vec![left, 3], "the rest, then the close frame");
+        });
+        drop(q);
+        assert_eq!(total.load(Ordering::Relaxed), 0);
+    }
+}
