@@ -85,6 +85,43 @@ fn load_config(cli: &Cli) -> Result<EngineConfig, StartError> {
     Ok(config::parse(config::EMBEDDED_DEFAULT, "embedded default config")?)
 }
 
+/// Exit code when a core (an executor thread: control or shard) dies — a panic, or an end before
+/// shutdown was asked. The process never stays half alive: it exits so a supervisor restarts
+/// it. 70 is `EX_SOFTWARE` of sysexits.h.
+pub const EXIT_CORE_DIED: i32 = 70;
+
+/// How an executor thread ended.
+enum CoreEnd {
+    /// Returned normally.
+    Done,
+    /// Returned a start-up failure (a shard that could not open its store).
+    StartFailed(String),
+    /// Panicked (the panic message itself was printed by the panic hook).
+    Died(String),
+}
+
+/// Joins `handle` on a small thread of its own and reports how the core ended on `ends`, so
+/// the main thread learns of the first core to end, whichever it is.
+fn watch<T: Send + 'static>(
+    name: String,
+    handle: glommio::ExecutorJoinHandle<T>,
+    ends: std::sync::mpsc::Sender<(String, CoreEnd)>,
+    outcome: fn(T) -> CoreEnd,
+) -> Result<(), StartError> {
+    std::thread::Builder::new()
+        .name(format!("watch-{name}"))
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let end = match handle.join() {
+                Ok(value) => outcome(value),
+                Err(e) => CoreEnd::Died(e.to_string()),
+            };
+            let _ = ends.send((name, end));
+        })
+        .map(|_| ())
+        .map_err(|e| StartError(format!("cannot start a watcher thread: {e}")))
+}
+
 const BIND_RETRIES: u32 = 25;
 const BIND_RETRY_PAUSE: Duration = Duration::from_millis(40);
 
@@ -217,17 +254,18 @@ fn start(cli: &Cli) -> Result<(), StartError> {
             match (stream_config, listener) {
                 (Some(config), Some(listener)) => {
                     let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config, metrics };
-                    stream::shard::run(ctx, inbox, listener, flag).await;
+                    stream::shard::run(ctx, inbox, listener, flag).await
                 }
                 _ => {
                     while !flag.load(Ordering::Relaxed) {
                         glommio::timer::sleep(Duration::from_millis(25)).await;
                     }
+                    Ok(())
                 }
             }
         });
         match handle {
-            Ok(h) => shards.push(h),
+            Ok(h) => shards.push((format!("ringcast-shard-{index}"), h)),
             Err(e) => {
                 shutdown.store(true, Ordering::Relaxed);
                 return Err(StartError(e));
@@ -248,9 +286,37 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         tracing::info!("the control core's CPU also runs a shard: both sleep as soon as they are idle instead of polling (--spin-us)");
     }
 
-    let _ = control.join();
-    for shard in shards {
-        let _ = shard.join();
+    // Every core is watched: the first to end before shutdown (a panic, a store that cannot be
+    // opened, an unexpected return) ends the process, instead of leaving the other cores
+    // serving while every call for the dead one hangs.
+    let (ends_tx, ends) = std::sync::mpsc::channel();
+    let cores = 1 + shards.len();
+    let watched = std::iter::once(watch("ringcast-control".into(), control, ends_tx.clone(), |()| CoreEnd::Done))
+        .chain(shards.into_iter().map(|(name, h)| {
+            watch(name, h, ends_tx.clone(), |r: Result<(), String>| r.map_or_else(CoreEnd::StartFailed, |()| CoreEnd::Done))
+        }))
+        .collect::<Result<Vec<()>, StartError>>();
+    drop(ends_tx);
+    if let Err(e) = watched {
+        shutdown.store(true, Ordering::Relaxed);
+        return Err(e);
+    }
+    for (name, end) in ends.iter().take(cores) {
+        match end {
+            CoreEnd::Done if shutdown.load(Ordering::Relaxed) => {}
+            CoreEnd::Done => {
+                tracing::error!("{name} ended unexpectedly; exiting ({EXIT_CORE_DIED}) so a supervisor can restart ringcast");
+                std::process::exit(EXIT_CORE_DIED);
+            }
+            CoreEnd::StartFailed(message) => {
+                shutdown.store(true, Ordering::Relaxed);
+                return Err(StartError(message));
+            }
+            CoreEnd::Died(why) => {
+                tracing::error!("{name} died ({why}); exiting ({EXIT_CORE_DIED}) so a supervisor can restart ringcast");
+                std::process::exit(EXIT_CORE_DIED);
+            }
+        }
     }
     tracing::info!("ringcast stopped");
     Ok(())

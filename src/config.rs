@@ -120,6 +120,11 @@ pub struct StreamConfig {
     /// Largest item value `stream::set`/`update` store.
     #[serde(default = "default_max_value_bytes")]
     pub max_value_bytes: usize,
+    /// A subscriber that holds bytes to write and whose socket takes none of them for this long
+    /// is closed like one past `max_queue_bytes` (4008); 0 turns the timer off (the byte bound
+    /// still applies).
+    #[serde(default = "default_slow_subscriber_timeout_ms")]
+    pub slow_subscriber_timeout_ms: u64,
 }
 
 /// Policy for a subscriber that cannot keep up.
@@ -258,6 +263,9 @@ fn default_max_connections() -> usize {
 }
 fn default_max_queue_bytes() -> usize {
     4 << 20
+}
+fn default_slow_subscriber_timeout_ms() -> u64 {
+    5_000
 }
 fn default_max_value_bytes() -> usize {
     16 << 20

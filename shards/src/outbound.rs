@@ -7,6 +7,12 @@
 //! what is queued straight to the socket, in one non-blocking call, so an event reaching 1,000
 //! idle connections costs 1,000 sends but no task wake-ups. Only what the socket does not take
 //! is left to the writer task.
+//!
+//! The queue also owns its share of the shard's byte count: frames waiting here and the batch
+//! the writer took but has not finished writing both count, against the connection's bound and
+//! in `shard_total`, until they are written, dropped by `close`, or the queue is dropped. It
+//! keeps the time of the connection's last progress (bytes the socket took) so the shard can
+//! close a subscriber that holds bytes and no longer reads (`stalled_for`).
 
 use bytes::Bytes;
 use std::cell::RefCell;
@@ -17,6 +23,7 @@ use std::os::fd::RawFd;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 /// Result of offering a frame to a queue.
 #[derive(Debug, PartialEq, Eq)]
@@ -28,15 +35,45 @@ pub enum Push {
     Closed,
 }
 
-#[derive(Default)]
 struct State {
     frames: VecDeque<Bytes>,
+    /// Bytes of `frames`.
     bytes: usize,
+    /// Bytes of the batch the writer took and has not reported written yet.
+    writing: usize,
+    /// When the socket last took bytes, or when the queue last went from nothing pending to
+    /// something pending (the stall clock starts then).
+    progress_at: Instant,
+    /// Bytes queued on all the connections of this shard, for the metrics (read by peers).
+    shard_total: Arc<AtomicUsize>,
     /// Set once: the last frame to write (a close frame), after which the writer stops.
     closing: Option<Bytes>,
     waker: Option<Waker>,
     /// Quietly pushed frames wait for a `flush`.
     flush_due: bool,
+    /// The first frame is the unsent rest of a frame `flush` wrote in part: it must be written
+    /// whole, even by a close, or the peer's framing breaks.
+    partial_head: bool,
+}
+
+impl State {
+    fn pending(&self) -> usize {
+        self.bytes + self.writing
+    }
+
+    /// The socket took `n` bytes.
+    fn progressed(&mut self, n: usize) {
+        if n > 0 {
+            self.progress_at = Instant::now();
+        }
+    }
+}
+
+impl Drop for State {
+    /// The last handle is gone (writer and shard both done): what it still counted is freed.
+    fn drop(&mut self) {
+        self.shard_total.fetch_sub(self.pending(), Ordering::Relaxed);
+    }
 }
 
 /// What the writer gets when it wakes.
@@ -51,14 +88,23 @@ pub enum Batch {
 pub struct OutQueue {
     state: Rc<RefCell<State>>,
     limit: usize,
-    /// Bytes queued on all the connections of this shard, for backpressure (read by peers).
-    shard_total: Arc<AtomicUsize>,
 }
 
 impl OutQueue {
     /// A queue bounded at `limit_bytes` that also counts into `shard_total`.
     pub fn new(limit_bytes: usize, shard_total: Arc<AtomicUsize>) -> Self {
-        OutQueue { state: Rc::default(), limit: limit_bytes, shard_total }
+        let state = State {
+            frames: VecDeque::new(),
+            bytes: 0,
+            writing: 0,
+            progress_at: Instant::now(),
+            shard_total,
+            closing: None,
+            waker: None,
+            flush_due: false,
+            partial_head: false,
+        };
+        OutQueue { state: Rc::new(RefCell::new(state)), limit: limit_bytes }
     }
 
     /// Queues a frame unless that would pass the byte bound, and wakes the writer.
@@ -86,11 +132,17 @@ impl OutQueue {
         if state.closing.is_some() {
             return Push::Closed;
         }
-        if state.bytes + frame.len() > self.limit && !state.frames.is_empty() {
+        // The writer's unfinished batch counts too: a reader that stopped reading holds it.
+        // One frame is always admitted while nothing is pending (a snapshot may be big).
+        let pending = state.pending();
+        if pending + frame.len() > self.limit && pending > 0 {
             return Push::Overflow;
         }
+        if pending == 0 {
+            state.progress_at = Instant::now();
+        }
         state.bytes += frame.len();
-        self.shard_total.fetch_add(frame.len(), Ordering::Relaxed);
+        state.shard_total.fetch_add(frame.len(), Ordering::Relaxed);
         state.frames.push_back(frame);
         Push::Queued
     }
@@ -115,7 +167,8 @@ impl OutQueue {
             send_now(socket, scratch)
         };
         state.bytes -= sent;
-        self.shard_total.fetch_sub(sent, Ordering::Relaxed);
+        state.shard_total.fetch_sub(sent, Ordering::Relaxed);
+        state.progressed(sent);
         // Drop what went out: whole frames, then the written head of the next (no copy).
         let mut done = sent;
         while done > 0 {
@@ -125,6 +178,7 @@ impl OutQueue {
                 state.frames.pop_front();
             } else {
                 *front = front.slice(done..);
+                state.partial_head = true;
                 done = 0;
             }
         }
@@ -141,9 +195,14 @@ impl OutQueue {
         if state.closing.is_some() {
             return;
         }
+        // The writer's batch stays counted until it is written or the queue is dropped, and so
+        // does the rest of a partly sent frame, which is kept.
+        let head = if std::mem::take(&mut state.partial_head) { state.frames.pop_front() } else { None };
         state.frames.clear();
-        self.shard_total.fetch_sub(state.bytes, Ordering::Relaxed);
-        state.bytes = 0;
+        let kept = head.as_ref().map_or(0, Bytes::len);
+        state.shard_total.fetch_sub(state.bytes - kept, Ordering::Relaxed);
+        state.bytes = kept;
+        state.frames.extend(head);
         state.closing = Some(close);
         if let Some(waker) = state.waker.take() {
             waker.wake();
@@ -154,18 +213,41 @@ impl OutQueue {
         self.state.borrow().closing.is_some()
     }
 
-    /// Bytes waiting to be written.
+    /// Bytes waiting to be written: queued, and taken by the writer but not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.state.borrow().bytes
+        self.state.borrow().pending()
     }
 
-    /// Waits until there is something to write and takes all of it.
+    /// The writer wrote `n` bytes of its current batch to the socket.
+    pub fn written(&self, n: usize) {
+        let mut state = self.state.borrow_mut();
+        let n = n.min(state.writing);
+        state.writing -= n;
+        state.shard_total.fetch_sub(n, Ordering::Relaxed);
+        state.progressed(n);
+    }
+
+    /// How long the connection has held bytes to write without the socket taking any; `None`
+    /// when nothing is pending or it is already closing (its close is under way).
+    pub fn stalled_for(&self, now: Instant) -> Option<Duration> {
+        let state = self.state.borrow();
+        if state.pending() == 0 || state.closing.is_some() {
+            return None;
+        }
+        Some(now.saturating_duration_since(state.progress_at))
+    }
+
+    /// Waits until there is something to write and takes all of it. Coming back for more means
+    /// the previous batch is written, whatever the writer reported of it.
     pub async fn next_batch(&self) -> Batch {
         poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
+            let finished = std::mem::take(&mut state.writing);
+            state.shard_total.fetch_sub(finished, Ordering::Relaxed);
+            state.progressed(finished);
             if !state.frames.is_empty() {
-                self.shard_total.fetch_sub(state.bytes, Ordering::Relaxed);
-                state.bytes = 0;
+                state.partial_head = false;
+                state.writing = std::mem::take(&mut state.bytes);
                 return Poll::Ready(Batch::Frames(state.frames.drain(..).collect()));
             }
             if let Some(close) = state.closing.clone() {
@@ -204,6 +286,8 @@ mod tests {
             Batch::Frames(frames) => assert_eq!(frames.len(), 2),
             Batch::Close(_) => panic!("not closing"),
         }
+        assert_eq!(q.queued_bytes(), 3, "taken, not yet written");
+        q.written(3);
         assert_eq!(q.queued_bytes(), 0);
     }
 
@@ -216,8 +300,63 @@ mod tests {
         b.push(Bytes::from_static(b"345"));
         assert_eq!(total.load(Ordering::Relaxed), 5);
         block_on(a.next_batch());
+        assert_eq!(total.load(Ordering::Relaxed), 5, "a batch counts until it is written");
+        a.written(2);
         assert_eq!(total.load(Ordering::Relaxed), 3);
         b.close(Bytes::from_static(b"x"));
+        assert_eq!(total.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_writers_unfinished_batch_counts_against_the_bound() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let q = OutQueue::new(8, total.clone());
+        q.push(Bytes::from(vec![0u8; 6]));
+        block_on(q.next_batch());
+        assert_eq!(q.queued_bytes(), 6);
+        assert_eq!(q.push(Bytes::from(vec![0u8; 6])), Push::Overflow, "a stuck writer's batch is still pending");
+        q.written(4);
+        assert_eq!((q.queued_bytes(), total.load(Ordering::Relaxed)), (2, 2));
+        assert_eq!(q.push(Bytes::from(vec![0u8; 6])), Push::Queued);
+        // Coming back for more means the previous batch is written.
+        block_on(q.next_batch());
+        assert_eq!((q.queued_bytes(), total.load(Ordering::Relaxed)), (6, 6));
+    }
+
+    #[test]
+    fn stall_clock_runs_only_while_bytes_are_pending_and_resets_on_progress() {
+        let q = OutQueue::new(100, Arc::default());
+        let later = |secs| Instant::now() + Duration::from_secs(secs);
+        assert_eq!(q.stalled_for(later(10)), None, "nothing pending is no stall");
+        q.push(Bytes::from(vec![0u8; 10]));
+        assert!(q.stalled_for(later(10)).unwrap() >= Duration::from_secs(9));
+        block_on(q.next_batch());
+        assert!(q.stalled_for(later(10)).unwrap() >= Duration::from_secs(9), "taking a batch is not progress");
+        q.written(0);
+        assert!(q.stalled_for(later(10)).unwrap() >= Duration::from_secs(9), "writing nothing is not progress");
+        let before = Instant::now();
+        q.written(3);
+        let stalled = q.stalled_for(before + Duration::from_secs(10)).unwrap();
+        assert!(stalled <= Duration::from_secs(10) && stalled > Duration::from_secs(9), "progress restarts the clock");
+        assert!(q.stalled_for(before).unwrap() == Duration::ZERO);
+        q.close(Bytes::from_static(b"bye"));
+        assert_eq!(q.stalled_for(later(10)), None, "a closing queue is the close path's business");
+    }
+
+    #[test]
+    fn dropping_the_queue_gives_back_everything_it_counted() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let q = OutQueue::new(100, total.clone());
+        let writer = q.clone();
+        q.push(Bytes::from(vec![0u8; 10]));
+        block_on(writer.next_batch());
+        q.push(Bytes::from(vec![0u8; 7]));
+        assert_eq!(total.load(Ordering::Relaxed), 17);
+        q.close(Bytes::from_static(b"bye"));
+        assert_eq!(total.load(Ordering::Relaxed), 10, "close drops the queued frames; the batch is in the writer");
+        drop(q);
+        assert_eq!(total.load(Ordering::Relaxed), 10, "the writer still holds the queue");
+        drop(writer);
         assert_eq!(total.load(Ordering::Relaxed), 0);
     }
 
@@ -304,5 +443,41 @@ mod tests {
             assert_eq!(batches, vec![5, left]);
         });
     }
-}
 
+    #[test]
+    fn close_keeps_the_rest_of_a_partly_flushed_frame() {
+        use std::os::fd::AsRawFd;
+        let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let total = Arc::new(AtomicUsize::new(0));
+        let q = OutQueue::new(1 << 30, total.clone());
+        block_on(async {
+            let writer = q.clone();
+            let task = glommio::spawn_local(async move {
+                let mut got = Vec::new();
+                loop {
+                    match writer.next_batch().await {
+                        Batch::Frames(frames) => got.push(frames.iter().map(|f| f.len()).sum::<usize>()),
+                        Batch::Close(frame) => {
+                            got.push(frame.len());
+                            return got;
+                        }
+                    }
+                }
+            });
+            while q.state.borrow().waker.is_none() {
+                yield_once().await;
+            }
+            let big = Bytes::from(vec![7u8; 4 << 20]);
+            q.push_quiet(big.clone());
+            q.flush(ours.as_raw_fd(), &mut Vec::new());
+            let left = q.queued_bytes();
+            assert!(left > 0 && left < big.len(), "part written ({left} left)");
+            q.push_quiet(Bytes::from_static(b"dropped"));
+            q.close(Bytes::from_static(b"bye"));
+            assert_eq!(q.queued_bytes(), left, "the rest of the partly sent frame stays");
+            assert_eq!(task.await, vec![left, 3], "the rest, then the close frame");
+        });
+        drop(q);
+        assert_eq!(total.load(Ordering::Relaxed), 0);
+    }
+}

@@ -37,8 +37,9 @@ pub struct ShardContext {
     pub control: ControlSender,
     pub config: StreamConfig,
     /// Counters; `metrics.queued_bytes[i]` is the bytes shard `i` has queued for its
-    /// subscribers (frames on their way to it included): owners hold back writes while any
-    /// shard is behind.
+    /// subscribers (frames on their way to it included). Nothing waits on it: each connection's
+    /// queue is bounded and a stalled one is closed (see `close_slow`), so no write ever waits
+    /// for a subscriber that may never read.
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -432,19 +433,37 @@ impl Shard {
             }
         }
         for conn in slow {
-            self.close_slow(conn);
+            self.close_slow(conn, Slow::Overflow);
         }
     }
 
     /// The slow-subscriber policy: close with 4008, stop delivering to it at once.
-    fn close_slow(&mut self, conn: ConnId) {
+    fn close_slow(&mut self, conn: ConnId, why: Slow) {
         let Some(c) = self.conns.get(&conn) else { return };
         if c.queue.is_closing() {
             return;
         }
         self.ctx.counters().slow_subscriber_closes_total.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(shard = self.ctx.index, conn, queued_bytes = c.queue.queued_bytes(), "closing slow subscriber (4008): its outbound queue passed max_queue_bytes");
+        let why = match why {
+            Slow::Overflow => "its outbound queue passed max_queue_bytes",
+            Slow::Stalled => "its socket took none of its queued bytes for slow_subscriber_timeout_ms",
+        };
+        tracing::warn!(shard = self.ctx.index, conn, queued_bytes = c.queue.queued_bytes(), "closing slow subscriber (4008): {why}");
         self.close_conn(conn, CLOSE_SLOW.0, CLOSE_SLOW.1);
+    }
+
+    /// Closes every connection that has held bytes to write without progress for `limit`.
+    fn close_stalled(&mut self, limit: Duration) {
+        let now = std::time::Instant::now();
+        let stalled: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.queue.stalled_for(now).is_some_and(|d| d >= limit))
+            .map(|(&id, _)| id)
+            .collect();
+        for conn in stalled {
+            self.close_slow(conn, Slow::Stalled);
+        }
     }
 
     /// Sends a close frame (dropping queued frames), ends its subscriptions, and shuts the socket
@@ -606,8 +625,9 @@ impl Shard {
         let item = sub.item.clone();
         self.ctx.counters().subscriptions.fetch_add(1, Ordering::Relaxed);
         self.local.entry(key).or_default().push(LocalSub { conn, join_id, item });
-        if self.conns[&conn].queue.push(frame) == Push::Overflow {
-            self.close_slow(conn);
+        // The snapshot counts against the same bound as events (one always fits an empty queue).
+        if self.conns.get(&conn).is_some_and(|c| c.queue.push(frame) == Push::Overflow) {
+            self.close_slow(conn, Slow::Overflow);
         }
     }
 
@@ -620,20 +640,26 @@ impl Shard {
     }
 }
 
-/// When any shard has more than this many bytes queued for its subscribers, owners stop taking
-/// writes until every shard is below `RESUME_BYTES`: callers then wait for their
-/// acknowledgements (backpressure) instead of the engine buffering without bound.
-const PAUSE_BYTES: usize = 32 << 20;
-const RESUME_BYTES: usize = 16 << 20;
+/// Why a subscriber is closed as slow.
+#[derive(Clone, Copy)]
+enum Slow {
+    /// Its queue would pass `max_queue_bytes`.
+    Overflow,
+    /// It held bytes and read none for `slow_subscriber_timeout_ms`.
+    Stalled,
+}
 
-async fn wait_for_writers(loads: &[Arc<AtomicUsize>]) {
-    let over = |limit: usize| loads.iter().any(|l| l.load(Ordering::Relaxed) > limit);
-    if !over(PAUSE_BYTES) {
-        return;
-    }
-    while over(RESUME_BYTES) {
-        glommio::timer::sleep(Duration::from_micros(50)).await;
-    }
+/// How often a shard looks for stalled subscribers: a quarter of the timeout, so one is closed
+/// at most 25% late, within bounds that keep the scan cheap.
+fn stall_check_interval(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// Test-only fault trigger: `RINGCAST_TEST_PANIC_SHARD=<index>` makes that shard panic on the
+/// first message of its inbox, to show that a dying core takes the process down (exit 70)
+/// instead of leaving it half alive. Not a setting; read once at shard start.
+fn induced_panic(index: usize) -> bool {
+    std::env::var("RINGCAST_TEST_PANIC_SHARD").is_ok_and(|v| v == index.to_string())
 }
 
 /// Whether an operation stores data (and so must be committed) or only publishes.
@@ -653,17 +679,19 @@ fn not_durable(applied: Applied, error: &std::io::Error) -> Applied {
     }
 }
 
-/// Runs shard `ctx.index` until `shutdown` is set.
+/// Runs shard `ctx.index` until `shutdown` is set; fails (before serving) when its store cannot
+/// be opened.
 pub async fn run(
     ctx: ShardContext,
     inbox: futures_channel::mpsc::UnboundedReceiver<ShardMsg>,
     listener_fd: std::os::fd::OwnedFd,
     shutdown: Arc<AtomicBool>,
-) {
+) -> Result<(), String> {
     use std::os::fd::{FromRawFd, IntoRawFd};
     let index = ctx.index;
     let kv = ctx.config.kv().unwrap_or_default();
-    let store = super::store::open_for_shard(&kv, index);
+    let store = super::store::open_for_shard(&kv, index)?;
+    let stall_timeout = Duration::from_millis(ctx.config.slow_subscriber_timeout_ms);
     let durability = if super::store::needs_commit(&kv) { kv.durability } else { Durability::None };
     let shard = Rc::new(RefCell::new(Shard::new(ctx, store, durability)));
     shard.borrow_mut().self_ref = Rc::downgrade(&shard);
@@ -708,13 +736,30 @@ pub async fn run(
     })
     .detach();
 
+    // Stalled subscribers: closed once they have held bytes without progress for the timeout,
+    // so their bytes are freed even when no new event comes to overflow their queue.
+    if !stall_timeout.is_zero() {
+        let reaper = Rc::downgrade(&shard);
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(stall_check_interval(stall_timeout)).await;
+                let Some(shard) = reaper.upgrade() else { return };
+                shard.borrow_mut().close_stalled(stall_timeout);
+            }
+        })
+        .detach();
+    }
+
+    // The inbox never waits on subscribers: a slow one is closed, not waited for.
     let inbox_shard = shard.clone();
-    let loads = shard.borrow().ctx.metrics.queued_bytes.clone();
+    let panic_on_first_message = induced_panic(index);
     glommio::spawn_local(async move {
         let mut inbox = inbox;
         while let Some(msg) = inbox.next().await {
+            if panic_on_first_message {
+                panic!("shard {index}: induced failure (RINGCAST_TEST_PANIC_SHARD)");
+            }
             if matches!(msg, ShardMsg::Store { .. }) {
-                wait_for_writers(&loads).await;
                 // A waiting join goes first, so writes cannot starve it.
                 Shard::joins_served(&inbox_shard).await;
             }
@@ -750,4 +795,5 @@ pub async fn run(
     crate::control::stop_listening(listener_fd);
     shard.borrow_mut().shutdown();
     glommio::timer::sleep(Duration::from_millis(200)).await;
+    Ok(())
 }

@@ -217,14 +217,9 @@ pub fn needs_commit(kv: &KvConfig) -> bool {
     kv.store_method == StoreMethod::FileBased && kv.durability != Durability::None
 }
 
-/// Opens shard `index`'s store, failing the start with a clear message.
-pub fn open_for_shard(kv: &KvConfig, index: usize) -> ShardStore {
-    match ShardStore::open(kv, index) {
-        Ok(store) => store,
-        Err(e) => {
-            // `prepare` opened this directory moments ago; failing now is an environment fault.
-            tracing::error!("shard {index}: cannot open its store: {e}");
-            std::process::exit(crate::EXIT_START_FAILED);
-        }
-    }
+/// Opens shard `index`'s store; the error is the message for the start-up failure (`prepare`
+/// opened this directory moments ago, so failing now is an environment fault). Returned, not
+/// exited on, so boot reports it like any other start-up failure.
+pub fn open_for_shard(kv: &KvConfig, index: usize) -> Result<ShardStore, String> {
+    ShardStore::open(kv, index).map_err(|e| format!("shard {index}: cannot open its store: {e}"))
 }

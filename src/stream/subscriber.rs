@@ -296,13 +296,15 @@ async fn read_some(socket: &Socket, buf: &mut BytesMut) -> std::io::Result<usize
 }
 
 /// Writes all of `data`.
-async fn write_all(socket: &Socket, mut data: &[u8]) -> std::io::Result<()> {
+async fn write_all(socket: &Socket, queue: &OutQueue, mut data: &[u8]) -> std::io::Result<()> {
     while !data.is_empty() {
         let n = std::future::poll_fn(|cx| Pin::new(&mut *socket.borrow_mut()).poll_write(cx, data)).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        data = &data[n..];
+        // Progress for the slow-subscriber policy (a partly read batch is not a stall).
+        queue.written(n);
+        data = data.get(n..).unwrap_or_default();
     }
     Ok(())
 }
@@ -354,15 +356,15 @@ async fn write_loop(socket: Socket, queue: OutQueue) {
     let mut scratch: Vec<u8> = Vec::new();
     loop {
         let (written, last) = match queue.next_batch().await {
-            Batch::Frames(frames) if frames.len() == 1 => (write_all(&socket, &frames[0]).await, false),
+            Batch::Frames(frames) if frames.len() == 1 => (write_all(&socket, &queue, &frames[0]).await, false),
             Batch::Frames(frames) => {
                 scratch.clear();
                 for frame in &frames {
                     scratch.extend_from_slice(frame);
                 }
-                (write_all(&socket, &scratch).await, false)
+                (write_all(&socket, &queue, &scratch).await, false)
             }
-            Batch::Close(frame) => (write_all(&socket, &frame).await, true),
+            Batch::Close(frame) => (write_all(&socket, &queue, &frame).await, true),
         };
         if written.is_err() || last {
             // SAFETY: shutdown(2) on this connection's socket, still open; the reader then ends.
