@@ -74,10 +74,11 @@ pub struct WorkerManagerConfig {
     /// closed (4008 `outbox full`). A frame queued to an empty outbox is always accepted.
     #[serde(default = "default_max_outbox_bytes")]
     pub max_outbox_bytes: usize,
-    /// The engine pings each worker socket after this much time without a ping round.
+    /// The engine pings each worker socket this often (0 turns pings off).
     #[serde(default = "default_worker_ping_interval_ms")]
     pub ping_interval_ms: u64,
-    /// A worker that sends nothing (no pong, no frame) this long after a ping is closed.
+    /// A worker that sends nothing (no pong, no frame) this long after a ping is closed
+    /// (1001 `ping timeout`); 0 turns pings off.
     #[serde(default = "default_worker_ping_timeout_ms")]
     pub ping_timeout_ms: u64,
 }

@@ -32,7 +32,7 @@ const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_PING_TIMEOUT: u16 = CLOSE_GOING_AWAY;
 /// Longest the engine tries to write a close frame once a connection has ended; a peer that
 /// does not read gets its socket closed without one.
-const CLOSE_GRACE: Duration = Duration::from_millis(500);
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// TCP keepalive on worker sockets: a peer whose host vanished (no FIN, no RST) is dropped by
 /// the kernel even when the connection is idle and pings are off.
@@ -201,9 +201,9 @@ async fn read_loop(
 
 /// Pings the worker every `interval_ms`; a worker from which nothing arrives within
 /// `timeout_ms` of a ping is ended (a vanished peer, a half-open socket). Returns only after
-/// ending the connection; `interval_ms == 0` turns pings off.
+/// ending the connection; 0 for either setting turns pings off.
 async fn ping_loop(outbox: &Outbox, last_inbound: &Cell<Instant>, interval_ms: u64, timeout_ms: u64) {
-    if interval_ms == 0 {
+    if interval_ms == 0 || timeout_ms == 0 {
         return std::future::pending().await;
     }
     loop {

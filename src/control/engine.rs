@@ -175,7 +175,9 @@ pub struct Conn {
 impl Conn {
     pub fn send(&self, message: &Outbound<'_>) {
         // An ended outbox means the connection is going away; its cleanup handles the rest.
-        self.outbox.push(message.to_text());
+        if !self.outbox.is_ended() {
+            self.outbox.push(message.to_text());
+        }
     }
 
     /// Closes after everything queued before it (a rejection frame, say) has gone out.
