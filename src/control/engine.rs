@@ -507,3 +507,30 @@ pub fn spawn_deferred(fut: impl std::future::Future<Output = ()> + 'static) {
     })
     .detach();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_bounds_the_backlog_and_ends_once() {
+        let (tx, mut rx) = futures_channel::mpsc::unbounded();
+        let outbox = Outbox::new(tx, 10);
+        outbox.push("x".repeat(25)); // an empty outbox takes one frame of any size
+        assert_eq!(outbox.queued_bytes(), 25);
+        outbox.taken(25);
+        outbox.push("12345".into());
+        outbox.push("12345".into());
+        assert!(!outbox.is_ended(), "exactly at the limit is allowed");
+        outbox.push("1".into());
+        assert_eq!(outbox.close_frame().map(|(code, _)| code), Some(CLOSE_OUTBOX_FULL));
+        outbox.end(Some((CLOSE_POLICY, "later".into())));
+        assert_eq!(outbox.close_frame().map(|(code, _)| code), Some(CLOSE_OUTBOX_FULL), "the first end decides");
+        outbox.push("dropped".into());
+        let mut texts = 0;
+        while let Ok(OutFrame::Text(_)) = rx.try_recv() {
+            texts += 1;
+        }
+        assert_eq!(texts, 3, "nothing is queued past the end");
+    }
+}
