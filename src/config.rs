@@ -70,6 +70,17 @@ pub struct WorkerManagerConfig {
     /// Deepest JSON nesting accepted in a frame.
     #[serde(default = "default_max_json_depth")]
     pub max_json_depth: usize,
+    /// Bytes that may wait in one worker's outbox; a worker whose backlog would pass this is
+    /// closed (4008 `outbox full`). A frame queued to an empty outbox is always accepted.
+    #[serde(default = "default_max_outbox_bytes")]
+    pub max_outbox_bytes: usize,
+    /// The engine pings each worker socket this often (0 turns pings off).
+    #[serde(default = "default_worker_ping_interval_ms")]
+    pub ping_interval_ms: u64,
+    /// A worker that sends nothing (no pong, no frame) this long after a ping is closed
+    /// (1001 `ping timeout`); 0 turns pings off.
+    #[serde(default = "default_worker_ping_timeout_ms")]
+    pub ping_timeout_ms: u64,
 }
 
 impl Default for WorkerManagerConfig {
@@ -81,6 +92,9 @@ impl Default for WorkerManagerConfig {
             handshake_timeout_ms: default_handshake_timeout_ms(),
             invocation_timeout_ms: None,
             max_json_depth: default_max_json_depth(),
+            max_outbox_bytes: default_max_outbox_bytes(),
+            ping_interval_ms: default_worker_ping_interval_ms(),
+            ping_timeout_ms: default_worker_ping_timeout_ms(),
         }
     }
 }
@@ -278,6 +292,15 @@ fn default_handshake_timeout_ms() -> u64 {
 }
 fn default_max_json_depth() -> usize {
     128
+}
+fn default_max_outbox_bytes() -> usize {
+    32 << 20
+}
+fn default_worker_ping_interval_ms() -> u64 {
+    20_000
+}
+fn default_worker_ping_timeout_ms() -> u64 {
+    20_000
 }
 
 /// Top level of the file. Unknown keys are rejected, as in the reference.

@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Counters of the control core.
 #[derive(Default)]
@@ -13,6 +14,10 @@ pub struct ControlMetrics {
     pub workers_connected: AtomicU64,
     pub invocations_in_flight: AtomicU64,
     pub invocations_total: AtomicU64,
+    /// Workers closed because their outbox passed `max_outbox_bytes`.
+    pub worker_outbox_closes_total: AtomicU64,
+    /// Workers closed because nothing arrived within the ping timeout.
+    pub worker_ping_timeouts_total: AtomicU64,
 }
 
 /// Counters of one shard.
@@ -56,6 +61,8 @@ impl Metrics {
             ("ringcast_workers_connected", "Connected worker sockets", "gauge", &c.workers_connected),
             ("ringcast_invocations_in_flight", "Invocations waiting for a worker's result", "gauge", &c.invocations_in_flight),
             ("ringcast_invocations_total", "Invocations routed to workers", "counter", &c.invocations_total),
+            ("ringcast_worker_outbox_closes_total", "Workers closed with 4008 because their outbox passed max_outbox_bytes", "counter", &c.worker_outbox_closes_total),
+            ("ringcast_worker_ping_timeouts_total", "Workers closed because nothing arrived within the ping timeout", "counter", &c.worker_ping_timeouts_total),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
         }
@@ -82,11 +89,37 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` from a background thread.
+/// Metrics connections served at once; more are answered 503 and closed at once.
+const MAX_CONNECTIONS: usize = 32;
+/// Whole-request deadline: a client that trickles its request head is cut off after this,
+/// however often it sends a byte.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// Deadline for writing the answer to a client that does not read it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest request head read; a longer one is answered 431.
+const MAX_REQUEST_BYTES: usize = 8192;
+
+/// Serves `/metrics` and `/healthz` on `listener`: an accept thread and one short-lived thread
+/// per connection (at most `MAX_CONNECTIONS`), each under its own read and write deadlines, so
+/// no client can hold the endpoint for another.
 pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     let spawned = std::thread::Builder::new().name("ringcast-metrics".into()).spawn(move || {
+        let active = Arc::new(AtomicUsize::new(0));
         for stream in listener.incoming().flatten() {
-            let _ = answer(stream, &metrics);
+            if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                active.fetch_sub(1, Ordering::AcqRel);
+                refuse_busy(stream);
+                continue;
+            }
+            let slot = Slot(active.clone());
+            let metrics = metrics.clone();
+            let worker = std::thread::Builder::new().name("ringcast-metrics-conn".into()).spawn(move || {
+                let _slot = slot;
+                let _ = answer(stream, &metrics);
+            });
+            if let Err(e) = worker {
+                tracing::warn!("metrics connection dropped: no thread: {e}");
+            }
         }
     });
     if let Err(e) = spawned {
@@ -94,18 +127,59 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
-fn answer(mut stream: std::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    // Read the whole request head (it may arrive in pieces) before answering and closing.
+/// One counted metrics connection; the count drops when its thread ends, however it ends
+/// (or when the thread could not be started and the closure is dropped unrun).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn refuse_busy(mut stream: std::net::TcpStream) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = stream.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+}
+
+/// Why a request head could not be read in full.
+enum HeadError {
+    TooLarge,
+    Io(std::io::Error),
+}
+
+/// Reads the request head (it may arrive in pieces) within `REQUEST_DEADLINE` in total.
+fn read_head(stream: &mut std::net::TcpStream) -> Result<Vec<u8>, HeadError> {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut request = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-        let n = stream.read(&mut chunk)?;
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        if request.len() >= MAX_REQUEST_BYTES {
+            return Err(HeadError::TooLarge);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HeadError::Io(std::io::ErrorKind::TimedOut.into()));
+        }
+        stream.set_read_timeout(Some(left)).map_err(HeadError::Io)?;
+        let n = stream.read(&mut chunk).map_err(HeadError::Io)?;
         if n == 0 {
             break;
         }
-        request.extend_from_slice(&chunk[..n]);
+        request.extend_from_slice(chunk.get(..n).unwrap_or_default());
     }
+    Ok(request)
+}
+
+fn answer(mut stream: std::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let request = match read_head(&mut stream) {
+        Ok(request) => request,
+        Err(HeadError::TooLarge) => {
+            return stream.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        }
+        Err(HeadError::Io(e)) => return Err(e),
+    };
     let line = String::from_utf8_lossy(&request);
     let path = line.split_whitespace().nth(1).unwrap_or("/");
     let (status, content_type, body) = match path {

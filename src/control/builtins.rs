@@ -176,7 +176,8 @@ fn rehome(engine: &mut Engine, conn: ConnId, namespace: &str) {
         }
         engine.conns.get_mut(&conn).unwrap().functions.remove(&(ns.clone(), id.clone()));
         if let Some(entry) = engine.functions.remove(&ns, &id) {
-            let taken = matches!(engine.functions.get(namespace, &id), Some(f) if f.handler != Handler::Worker(conn));
+            let taken = matches!(engine.functions.get(namespace, &id), Some(f) if f.handler != Handler::Worker(conn))
+                || engine.is_reserved_function(namespace, &id);
             if taken {
                 continue;
             }

@@ -2,15 +2,17 @@
 //! `/ws/channels/{id}`), then a read loop that decodes frames into the engine and a writer task
 //! that drains the connection's outbox, coalescing queued frames into one flush.
 
-use super::engine::{Engine, OutFrame};
+use super::engine::{Engine, OutFrame, Outbox, CLOSE_GOING_AWAY, CLOSE_OUTBOX_FULL};
 use super::wire::{self, DecodeError};
 use async_tungstenite::{WebSocketReceiver, WebSocketSender};
 use futures_channel::mpsc::{unbounded, UnboundedReceiver};
+use futures_util::future::Either;
 use futures_util::{SinkExt, StreamExt};
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::StatusCode;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -26,6 +28,30 @@ enum Route {
 
 /// Close code for a message over the configured size limit.
 const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code for a worker silent past the ping timeout (it is taken to be gone).
+const CLOSE_PING_TIMEOUT: u16 = CLOSE_GOING_AWAY;
+/// Longest the engine tries to write a close frame once a connection has ended; a peer that
+/// does not read gets its socket closed without one.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// TCP keepalive on worker sockets: a peer whose host vanished (no FIN, no RST) is dropped by
+/// the kernel even when the connection is idle and pings are off.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+fn set_keepalive(stream: &TcpStream) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the fd belongs to `stream`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(e) = socket2::SockRef::from(&fd).set_tcp_keepalive(&keepalive) {
+        tracing::debug!("could not set TCP keepalive on a worker socket: {e}");
+    }
+}
 
 fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
     let mut response = ErrorResponse::new(Some(body.to_string()));
@@ -36,6 +62,7 @@ fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
 /// Serves one accepted TCP connection to the end.
 pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    set_keepalive(&stream);
     let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let (max_message, handshake_ms) = {
         let e = engine.borrow();
@@ -89,14 +116,58 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
 async fn serve_worker(
     engine: Rc<RefCell<Engine>>,
     sink: WebSocketSender<TcpStream>,
-    mut source: WebSocketReceiver<TcpStream>,
+    source: WebSocketReceiver<TcpStream>,
     peer: String,
 ) {
+    let (limit, ping_interval, ping_timeout) = {
+        let e = engine.borrow();
+        (e.config.max_outbox_bytes, e.config.ping_interval_ms, e.config.ping_timeout_ms)
+    };
     let (tx, rx) = unbounded();
-    let conn = engine.borrow_mut().connect(tx.clone(), peer);
-    let writer = glommio::spawn_local(write_loop(sink, rx));
+    let outbox = Rc::new(Outbox::new(tx, limit));
+    let conn = engine.borrow_mut().connect(outbox.clone(), peer);
+    let writer = glommio::spawn_local(write_loop(sink, rx, outbox.clone()));
+    let last_inbound = Cell::new(Instant::now());
+    {
+        let reading = std::pin::pin!(read_loop(&engine, conn, source, &outbox, &last_inbound));
+        let pinging = std::pin::pin!(ping_loop(&outbox, &last_inbound, ping_interval, ping_timeout));
+        // Either ends the connection; the other is dropped with it.
+        futures_util::future::select(reading, pinging).await;
+    }
+    // The one cleanup path, however the connection ended: the registry entry, its functions,
+    // trigger types and bindings, and its pending invocations (`invocation_stopped`) go now.
+    match outbox.close_frame() {
+        Some((CLOSE_OUTBOX_FULL, _)) => {
+            tracing::warn!(conn, limit, "worker closed: its outbox passed max_outbox_bytes (it is not reading)");
+            engine.borrow().metrics.control.worker_outbox_closes_total.fetch_add(1, Relaxed);
+        }
+        Some((CLOSE_PING_TIMEOUT, _)) => {
+            tracing::warn!(conn, ping_timeout, "worker closed: no frame or pong within the ping timeout");
+            engine.borrow().metrics.control.worker_ping_timeouts_total.fetch_add(1, Relaxed);
+        }
+        _ => {}
+    }
+    engine.borrow_mut().disconnect(conn);
+    outbox.end(None);
+    // The writer stops within CLOSE_GRACE of `end`; the socket closes when both halves drop.
+    writer.await;
+}
+
+/// Reads frames into the engine until the peer goes away or the connection is ended.
+async fn read_loop(
+    engine: &Rc<RefCell<Engine>>,
+    conn: u64,
+    mut source: WebSocketReceiver<TcpStream>,
+    outbox: &Outbox,
+    last_inbound: &Cell<Instant>,
+) {
     let max_depth = engine.borrow().config.max_json_depth;
-    while let Some(item) = source.next().await {
+    loop {
+        let item = match futures_util::future::select(source.next(), std::pin::pin!(outbox.ended())).await {
+            Either::Left((Some(item), _)) => item,
+            Either::Left((None, _)) | Either::Right(_) => return,
+        };
+        last_inbound.set(Instant::now());
         let payload = match item {
             Ok(Message::Text(text)) => text.into(),
             Ok(Message::Binary(bytes)) => {
@@ -105,16 +176,16 @@ async fn serve_worker(
                 }
                 bytes
             }
-            Ok(Message::Close(_)) => break,
+            Ok(Message::Close(_)) => return,
             Ok(_) => continue, // ping (answered by tungstenite), pong, raw frames
             Err(WsError::Capacity(e)) => {
                 tracing::warn!(conn, "closing worker connection: {e}");
-                let _ = tx.unbounded_send(OutFrame::Close(CLOSE_TOO_BIG, "message too big".into()));
-                break;
+                outbox.end(Some((CLOSE_TOO_BIG, "message too big".into())));
+                return;
             }
             Err(e) => {
                 tracing::debug!(conn, "worker socket ended: {e}");
-                break;
+                return;
             }
         };
         if payload.iter().all(u8::is_ascii_whitespace) {
@@ -123,12 +194,28 @@ async fn serve_worker(
         let mut scratch = payload.to_vec();
         match wire::decode(&mut scratch, max_depth) {
             Ok(message) => engine.borrow_mut().handle(conn, message),
-            Err(error) => reject_frame(&engine, conn, &payload, error, max_depth),
+            Err(error) => reject_frame(engine, conn, &payload, error, max_depth),
         }
     }
-    engine.borrow_mut().disconnect(conn);
-    drop(tx);
-    writer.await;
+}
+
+/// Pings the worker every `interval_ms`; a worker from which nothing arrives within
+/// `timeout_ms` of a ping is ended (a vanished peer, a half-open socket). Returns only after
+/// ending the connection; 0 for either setting turns pings off.
+async fn ping_loop(outbox: &Outbox, last_inbound: &Cell<Instant>, interval_ms: u64, timeout_ms: u64) {
+    if interval_ms == 0 || timeout_ms == 0 {
+        return std::future::pending().await;
+    }
+    loop {
+        glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
+        let sent = Instant::now();
+        outbox.push_control(OutFrame::Ping);
+        glommio::timer::sleep(Duration::from_millis(timeout_ms)).await;
+        if last_inbound.get() < sent {
+            outbox.end(Some((CLOSE_PING_TIMEOUT, "ping timeout".into())));
+            return;
+        }
+    }
 }
 
 /// A frame that did not decode: logged; a waiting caller gets an error answer.
@@ -151,27 +238,63 @@ fn reject_frame(engine: &Rc<RefCell<Engine>>, conn: u64, original: &[u8], error:
 }
 
 /// Writes the outbox to the socket; everything queued when it wakes goes out in one flush.
-async fn write_loop(mut sink: WebSocketSender<TcpStream>, mut rx: UnboundedReceiver<OutFrame>) {
-    while let Some(first) = rx.next().await {
+/// Every wait races the connection's end, so a peer that stopped reading cannot park it; once
+/// ended, what is still queued is dropped and the close frame gets at most `CLOSE_GRACE`.
+async fn write_loop(mut sink: WebSocketSender<TcpStream>, mut rx: UnboundedReceiver<OutFrame>, outbox: Rc<Outbox>) {
+    'frames: loop {
+        let first = match futures_util::future::select(rx.next(), std::pin::pin!(outbox.ended())).await {
+            Either::Left((Some(frame), _)) => frame,
+            Either::Left((None, _)) | Either::Right(_) => break 'frames,
+        };
         let mut next = Some(first);
         while let Some(frame) = next.take() {
-            match frame {
+            let message = match frame {
                 OutFrame::Text(text) => {
-                    if sink.feed(Message::text(text)).await.is_err() {
-                        return;
-                    }
+                    outbox.taken(text.len());
+                    Message::text(text)
                 }
+                OutFrame::Ping => Message::Ping(Default::default()),
                 OutFrame::Close(code, reason) => {
-                    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    return;
+                    outbox.end(Some((code, reason)));
+                    break 'frames;
                 }
+            };
+            if !until_ended(&outbox, sink.feed(message)).await {
+                break 'frames;
             }
             next = rx.try_recv().ok();
         }
-        if sink.flush().await.is_err() {
-            return;
+        if !until_ended(&outbox, sink.flush()).await {
+            break 'frames;
         }
+    }
+    // A write error or the peer's end leave no close frame to send.
+    outbox.end(None);
+    let closing = async {
+        match outbox.close_frame() {
+            Some((code, reason)) => {
+                let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+                let _ = sink.send(Message::Close(Some(frame))).await;
+            }
+            None => {
+                let _ = sink.close(None).await;
+            }
+        }
+        Ok(())
+    };
+    let _ = glommio::timer::timeout(CLOSE_GRACE, closing).await;
+}
+
+/// Runs one socket write unless the connection ends first; false when the connection is over
+/// (ended, or the write failed, which ends it).
+async fn until_ended<E>(outbox: &Outbox, write: impl std::future::Future<Output = Result<(), E>>) -> bool {
+    match futures_util::future::select(std::pin::pin!(write), std::pin::pin!(outbox.ended())).await {
+        Either::Left((Ok(()), _)) => true,
+        Either::Left((Err(_), _)) => {
+            outbox.end(None);
+            false
+        }
+        Either::Right(_) => false,
     }
 }
 

@@ -14,9 +14,10 @@ use super::wire::{ErrorBody, Inbound, Outbound};
 use crate::config::WorkerManagerConfig;
 use futures_channel::mpsc::UnboundedSender;
 use serde_json::Value;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::{Rc, Weak};
+use std::task::{Poll, Waker};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
@@ -28,6 +29,8 @@ pub type ConnId = u64;
 #[derive(Debug)]
 pub enum OutFrame {
     Text(String),
+    /// A WebSocket ping (liveness check of a silent worker).
+    Ping,
     /// Send a Close frame with this code and reason, then stop writing.
     Close(u16, String),
 }
@@ -36,6 +39,101 @@ pub enum OutFrame {
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code for a worker refused by a name conflict or retired by `reattach`.
 pub const CLOSE_POLICY: u16 = 1008;
+/// Close code for a worker whose outbox passed `max_outbox_bytes` (it is not reading); the
+/// same code the stream port uses for a slow subscriber.
+pub const CLOSE_OUTBOX_FULL: u16 = 4008;
+
+/// A worker connection's outbound queue, bounded in bytes, and the signal that ends the
+/// connection. The connection task owns the socket; everything that must end it (a full
+/// outbox, a ping timeout, a policy close, the peer going away) goes through `end`, which
+/// wakes both the reader and the writer.
+pub struct Outbox {
+    tx: UnboundedSender<OutFrame>,
+    /// Bytes of text frames queued and not yet handed to the socket writer.
+    queued: Cell<usize>,
+    limit: usize,
+    /// Why the connection ends (`Some` once `end` ran): the close frame to try to send, if any.
+    ended: RefCell<Option<Option<(u16, String)>>>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Outbox {
+    pub fn new(tx: UnboundedSender<OutFrame>, limit: usize) -> Outbox {
+        Outbox { tx, queued: Cell::new(0), limit, ended: RefCell::new(None), waiters: RefCell::new(Vec::new()) }
+    }
+
+    /// Queues a text frame. A backlog that would pass the limit ends the connection instead
+    /// (4008); a frame is always accepted when nothing is queued, so one message of any
+    /// allowed size can still go out to a worker that reads.
+    pub fn push(&self, text: String) {
+        if self.is_ended() {
+            return;
+        }
+        let queued = self.queued.get();
+        if queued > 0 && queued.saturating_add(text.len()) > self.limit {
+            self.end(Some((CLOSE_OUTBOX_FULL, "outbox full: the worker is not reading".into())));
+            return;
+        }
+        self.queued.set(queued.saturating_add(text.len()));
+        // A closed channel means the writer is gone; the connection task cleans up.
+        let _ = self.tx.unbounded_send(OutFrame::Text(text));
+    }
+
+    /// Queues a frame that is not counted (pings, ordered close frames).
+    pub fn push_control(&self, frame: OutFrame) {
+        if !self.is_ended() {
+            let _ = self.tx.unbounded_send(frame);
+        }
+    }
+
+    /// The writer took `bytes` of text off the queue.
+    pub fn taken(&self, bytes: usize) {
+        self.queued.set(self.queued.get().saturating_sub(bytes));
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.get()
+    }
+
+    /// Ends the connection now: the writer drops what is queued and tries `close` (bounded in
+    /// time), the reader stops. The first call decides the close frame.
+    pub fn end(&self, close: Option<(u16, String)>) {
+        {
+            let mut ended = self.ended.borrow_mut();
+            if ended.is_some() {
+                return;
+            }
+            *ended = Some(close);
+        }
+        self.tx.close_channel();
+        for waker in self.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended.borrow().is_some()
+    }
+
+    /// The close frame chosen by `end`, if it ran and chose one.
+    pub fn close_frame(&self) -> Option<(u16, String)> {
+        self.ended.borrow().clone().flatten()
+    }
+
+    /// Resolves once `end` has run.
+    pub fn ended(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.is_ended() {
+                return Poll::Ready(());
+            }
+            let mut waiters = self.waiters.borrow_mut();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+}
 
 /// Metadata a worker reports through `engine::workers::register`.
 #[derive(Debug, Default, Clone)]
@@ -54,7 +152,7 @@ pub struct WorkerMeta {
 pub struct Conn {
     pub worker_id: String,
     pub reattach_token: String,
-    pub outbox: UnboundedSender<OutFrame>,
+    pub outbox: Rc<Outbox>,
     pub namespace: String,
     /// Set once `engine::workers::register` has fixed the namespace.
     pub namespace_declared: bool,
@@ -76,12 +174,15 @@ pub struct Conn {
 
 impl Conn {
     pub fn send(&self, message: &Outbound<'_>) {
-        // A closed outbox means the connection is going away; its cleanup handles the rest.
-        let _ = self.outbox.unbounded_send(OutFrame::Text(message.to_text()));
+        // An ended outbox means the connection is going away; its cleanup handles the rest.
+        if !self.outbox.is_ended() {
+            self.outbox.push(message.to_text());
+        }
     }
 
+    /// Closes after everything queued before it (a rejection frame, say) has gone out.
     pub fn close(&self, code: u16, reason: &str) {
-        let _ = self.outbox.unbounded_send(OutFrame::Close(code, reason.to_string()));
+        self.outbox.push_control(OutFrame::Close(code, reason.to_string()));
     }
 
     pub fn display_name(&self) -> String {
@@ -163,7 +264,7 @@ impl Engine {
     }
 
     /// Registers a new worker connection and queues its `workerregistered` frame.
-    pub fn connect(&mut self, outbox: UnboundedSender<OutFrame>, ip_address: String) -> ConnId {
+    pub fn connect(&mut self, outbox: Rc<Outbox>, ip_address: String) -> ConnId {
         let id = self.next_conn;
         self.next_conn += 1;
         let worker_id = Uuid::new_v4().to_string();
@@ -243,6 +344,10 @@ impl Engine {
             return;
         }
         let ns = self.conns[&conn].namespace.clone();
+        if self.is_reserved_function(&ns, &m.id) {
+            self.reject_reserved(conn, &ns, &m.id, "function");
+            return;
+        }
         if let Some(existing) = self.functions.get(&ns, &m.id) {
             if let Handler::Worker(owner) = existing.handler {
                 if owner != conn && self.conns.contains_key(&owner) {
@@ -273,6 +378,32 @@ impl Engine {
         );
         self.conns.get_mut(&conn).unwrap().functions.insert(ns_key(&ns, &m.id));
         self.functions_changed();
+    }
+
+    /// The engine's own function ids belong to the engine in every namespace: a worker can
+    /// neither replace them nor shadow them. `engine::` ids are also reserved outside `default`
+    /// (as the reference); in `default` workers may add new ones (the queue worker's
+    /// `engine::queue::enqueue`). Custom stream functions (`stream::get(<name>)`) are not
+    /// builtin ids, so they stay open to workers.
+    pub fn is_reserved_function(&self, ns: &str, id: &str) -> bool {
+        matches!(self.functions.get(DEFAULT_NS, id), Some(f) if matches!(f.handler, Handler::Builtin(_)))
+            || (ns != DEFAULT_NS && id.starts_with("engine::"))
+    }
+
+    /// Refuses a worker's registration of an engine-owned id. The code is
+    /// `FUNCTION_NAMESPACE_CONFLICT` with an empty owner, as the reference words its reserved
+    /// `engine::` refusal: the one code every SDK treats as non-fatal (any other stops a Python
+    /// worker for good).
+    pub fn reject_reserved(&self, conn: ConnId, ns: &str, id: &str, what: &str) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        tracing::warn!(worker_id = %c.worker_id, namespace = %ns, id, "refused a worker's registration of the engine's own {what}");
+        c.send(&Outbound::RegistrationRejected {
+            code: "FUNCTION_NAMESPACE_CONFLICT",
+            namespace: ns,
+            worker_name: None,
+            function_id: Some(id),
+            owner_worker_id: "",
+        });
     }
 
     fn unregister_function(&mut self, conn: ConnId, id: &str) {
@@ -375,4 +506,31 @@ pub fn spawn_deferred(fut: impl std::future::Future<Output = ()> + 'static) {
         fut.await
     })
     .detach();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_bounds_the_backlog_and_ends_once() {
+        let (tx, mut rx) = futures_channel::mpsc::unbounded();
+        let outbox = Outbox::new(tx, 10);
+        outbox.push("x".repeat(25)); // an empty outbox takes one frame of any size
+        assert_eq!(outbox.queued_bytes(), 25);
+        outbox.taken(25);
+        outbox.push("12345".into());
+        outbox.push("12345".into());
+        assert!(!outbox.is_ended(), "exactly at the limit is allowed");
+        outbox.push("1".into());
+        assert_eq!(outbox.close_frame().map(|(code, _)| code), Some(CLOSE_OUTBOX_FULL));
+        outbox.end(Some((CLOSE_POLICY, "later".into())));
+        assert_eq!(outbox.close_frame().map(|(code, _)| code), Some(CLOSE_OUTBOX_FULL), "the first end decides");
+        outbox.push("dropped".into());
+        let mut texts = 0;
+        while let Ok(OutFrame::Text(_)) = rx.try_recv() {
+            texts += 1;
+        }
+        assert_eq!(texts, 3, "nothing is queued past the end");
+    }
 }

@@ -239,6 +239,12 @@ impl Engine {
             return;
         }
         let ns = m.namespace.unwrap_or_else(|| self.conns[&conn].namespace.clone());
+        // The engine's trigger types are reserved in every namespace: a worker provider in its
+        // own namespace would capture bindings the engine fires itself.
+        if self.provider_of(DEFAULT_NS, &m.id) == Some(Provider::Engine) {
+            self.reject_reserved(conn, &ns, &m.id, "trigger type");
+            return;
+        }
         let previous = self.trigger_types.insert(
             &ns,
             &m.id,
