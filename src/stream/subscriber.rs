@@ -145,12 +145,18 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
     // Wake the writer to stop (after a close frame already queued, if any), but let it take at
     // most CLOSE_FLUSH_LIMIT: a peer that stopped reading cannot hold the socket.
     session.queue.end();
-    let flushed = futures_lite::future::or(async { Some((&mut writer).await) }, async {
-        glommio::timer::sleep(CLOSE_FLUSH_LIMIT).await;
-        None
-    })
+    let flushed = futures_lite::future::or(
+        async {
+            (&mut writer).await;
+            true
+        },
+        async {
+            glommio::timer::sleep(CLOSE_FLUSH_LIMIT).await;
+            false
+        },
+    )
     .await;
-    if flushed.is_none() {
+    if !flushed {
         // SAFETY: shutdown(2) on this connection's socket, still open (`reader` holds it); the
         // writer's pending write then fails and it ends.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
@@ -638,6 +644,7 @@ impl Session {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
