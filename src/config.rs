@@ -139,6 +139,25 @@ pub struct StreamConfig {
     /// still applies).
     #[serde(default = "default_slow_subscriber_timeout_ms")]
     pub slow_subscriber_timeout_ms: u64,
+    /// How often the engine pings a subscriber it has heard nothing from (0 = never; TCP
+    /// keepalive still finds dead peers, in minutes).
+    #[serde(default = "default_ping_interval_ms")]
+    pub ping_interval_ms: u64,
+    /// A subscriber that sends nothing (no pong, no frame) this long after a ping is closed.
+    #[serde(default = "default_ping_timeout_ms")]
+    pub ping_timeout_ms: u64,
+    /// Longest subscription id, stream name, group id or item id a join or leave may carry;
+    /// longer ones close the connection with 1008.
+    #[serde(default = "default_max_id_bytes")]
+    pub max_id_bytes: usize,
+    /// `stream:join`/`stream:leave` trigger runs one connection may have in flight; when full,
+    /// the connection's further frames wait (its socket is not read).
+    #[serde(default = "default_max_pending_triggers")]
+    pub max_pending_triggers_per_connection: usize,
+    /// Limit on one `stream:join`/`stream:leave` trigger call; past it the engine stops waiting
+    /// (a join then counts as authorized, as when the trigger fails).
+    #[serde(default = "default_trigger_timeout_ms")]
+    pub trigger_timeout_ms: u64,
 }
 
 /// Policy for a subscriber that cannot keep up.
@@ -283,6 +302,21 @@ fn default_slow_subscriber_timeout_ms() -> u64 {
 }
 fn default_max_value_bytes() -> usize {
     16 << 20
+}
+fn default_ping_interval_ms() -> u64 {
+    20_000
+}
+fn default_ping_timeout_ms() -> u64 {
+    20_000
+}
+fn default_max_id_bytes() -> usize {
+    512
+}
+fn default_max_pending_triggers() -> usize {
+    8
+}
+fn default_trigger_timeout_ms() -> u64 {
+    30_000
 }
 fn default_max_message_bytes() -> usize {
     64 << 20

@@ -209,6 +209,13 @@ impl OutQueue {
         }
     }
 
+    /// The connection is over: drops what is queued, refuses new frames and wakes a parked
+    /// writer so it stops. A close frame already queued by `close` is still written first.
+    /// (Ending is a close with nothing to write: the writer writes the empty frame and stops.)
+    pub fn end(&self) {
+        self.close(Bytes::new());
+    }
+
     pub fn is_closing(&self) -> bool {
         self.state.borrow().closing.is_some()
     }
@@ -377,6 +384,25 @@ mod tests {
             Batch::Close(frame) => assert_eq!(&frame[..], b"bye"),
             Batch::Frames(_) => panic!("queued frames must be dropped on close"),
         }
+    }
+
+    #[test]
+    fn end_wakes_a_parked_writer_and_keeps_a_pending_close_frame() {
+        let q = OutQueue::new(100, Arc::default());
+        block_on(async {
+            let writer = q.clone();
+            let task = glommio::spawn_local(async move { writer.next_batch().await });
+            while q.state.borrow().waker.is_none() {
+                yield_once().await;
+            }
+            q.end();
+            assert!(matches!(task.await, Batch::Close(frame) if frame.is_empty()), "the parked writer wakes to stop");
+        });
+        assert_eq!(q.push(Bytes::from_static(b"late")), Push::Closed);
+        let closed = OutQueue::new(100, Arc::default());
+        closed.close(Bytes::from_static(b"bye"));
+        closed.end();
+        assert!(matches!(block_on(closed.next_batch()), Batch::Close(frame) if &frame[..] == b"bye"));
     }
 
     /// Lets other tasks run once.

@@ -1,5 +1,8 @@
 //! WebSocket framing for subscriber sockets: server frames are built once (header and payload in
 //! one shared buffer); client frames are parsed from a read buffer.
+//!
+//! Client bytes are hostile: no indexing, slicing by offset, unwrap or expect outside tests.
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
@@ -11,7 +14,8 @@ pub fn server_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(header.len(payload.len() as u64) + payload.len());
     {
         let mut writer = (&mut out).writer();
-        header.format(payload.len() as u64, &mut writer).expect("writing to memory cannot fail");
+        // Writing to memory cannot fail.
+        let _ = header.format(payload.len() as u64, &mut writer);
     }
     out.extend_from_slice(payload);
     out.freeze()
@@ -60,7 +64,7 @@ pub enum FrameError {
 /// Takes one complete frame off the front of `buf`, unmasking its payload. `Ok(None)` = more
 /// bytes are needed.
 pub fn parse_client_frame(buf: &mut BytesMut, max_payload: usize) -> Result<Option<ClientFrame>, FrameError> {
-    let mut cursor = std::io::Cursor::new(&buf[..]);
+    let mut cursor = std::io::Cursor::new(buf.as_ref());
     let (header, length) = match FrameHeader::parse(&mut cursor) {
         Ok(Some(parsed)) => parsed,
         Ok(None) => return Ok(None),
@@ -69,22 +73,24 @@ pub fn parse_client_frame(buf: &mut BytesMut, max_payload: usize) -> Result<Opti
     if length > max_payload as u64 {
         return Err(FrameError::TooBig(length));
     }
-    let header_len = cursor.position() as usize;
-    let total = header_len + length as usize;
+    // Both fit in usize: the header is at most 14 bytes and `length` is within `max_payload`.
+    let header_len = usize::try_from(cursor.position()).map_err(|_| FrameError::Malformed)?;
+    let total = usize::try_from(length).ok().and_then(|l| l.checked_add(header_len)).ok_or(FrameError::TooBig(length))?;
     if buf.len() < total {
         return Ok(None);
     }
     let frame = buf.split_to(total);
-    let mut payload = frame[header_len..].to_vec();
+    let mut payload = frame.get(header_len..).unwrap_or_default().to_vec();
     if let Some(mask) = header.mask {
-        for (i, byte) in payload.iter_mut().enumerate() {
-            *byte ^= mask[i & 3];
+        for (byte, key) in payload.iter_mut().zip(mask.iter().cycle()) {
+            *byte ^= key;
         }
     }
     Ok(Some(ClientFrame { opcode: header.opcode, is_final: header.is_final, payload }))
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -127,6 +133,17 @@ mod tests {
         let ping = parse_client_frame(&mut buf, 1024).unwrap().unwrap();
         assert_eq!(ping.opcode, OpCode::Control(Control::Ping));
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn hostile_headers_never_panic() {
+        // 64-bit length near the top of the range, with no limit: needs more bytes, no overflow.
+        let mut huge = BytesMut::from(&[0x82u8, 0xff, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4][..]);
+        assert_eq!(parse_client_frame(&mut huge, usize::MAX), Ok(None));
+        for seed in 0u8..=255 {
+            let mut buf = BytesMut::from(&[seed, seed.wrapping_mul(31), seed ^ 0x5a, 0xff, seed, 0, 1][..]);
+            let _ = parse_client_frame(&mut buf, 64);
+        }
     }
 
     #[test]

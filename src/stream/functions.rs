@@ -365,18 +365,21 @@ pub async fn serve_shard_requests(engine: Rc<RefCell<Engine>>, mut requests: fut
         let engine = engine.clone();
         glommio::spawn_local(async move {
             match request {
-                ControlRequest::Auth { function_id, input, reply } => {
-                    let outcome = call_and_wait(&engine, DEFAULT_NS, &function_id, input, None).await;
+                ControlRequest::Auth { function_id, input, limit, mut reply } => {
+                    // The shard stops waiting after its `auth_timeout_ms`: give the call up then
+                    // too, so an unanswered auth call does not stay pending for good.
+                    let gone = reply.cancellation();
+                    let outcome = call_within(&engine, DEFAULT_NS, &function_id, input, None, limit, gone).await;
                     let _ = reply.send(match outcome {
                         Ok(result) => Ok(result.unwrap_or(Value::Null)),
                         Err(e) => Err(format!("{}: {}", e.code, e.message)),
                     });
                 }
-                ControlRequest::Join { payload, reply } => {
+                ControlRequest::Join { payload, limit, reply } => {
                     let mut authorized = true;
                     let bindings = engine.borrow().live_bindings("stream:join");
                     for b in bindings {
-                        let outcome = call_and_wait(&engine, &b.namespace, &b.function_id, payload.clone(), b.metadata).await;
+                        let outcome = call_within(&engine, &b.namespace, &b.function_id, payload.clone(), b.metadata, limit, std::future::pending()).await;
                         if let Ok(Some(result)) = outcome {
                             if result.get("unauthorized") == Some(&Value::Bool(true)) {
                                 authorized = false;
@@ -385,14 +388,51 @@ pub async fn serve_shard_requests(engine: Rc<RefCell<Engine>>, mut requests: fut
                     }
                     let _ = reply.send(authorized);
                 }
-                ControlRequest::Leave { payload } => {
+                ControlRequest::Leave { payload, limit, reply } => {
                     let bindings = engine.borrow().live_bindings("stream:leave");
                     for b in bindings {
-                        let _ = call_and_wait(&engine, &b.namespace, &b.function_id, payload.clone(), b.metadata).await;
+                        let _ = call_within(&engine, &b.namespace, &b.function_id, payload.clone(), b.metadata, limit, std::future::pending()).await;
                     }
+                    let _ = reply.send(());
                 }
             }
         })
         .detach();
+    }
+}
+
+/// Like `call_and_wait`, but gives the call up after `limit` or when `abandon` resolves: its
+/// pending invocation is removed (a late result is then dropped as unknown).
+async fn call_within(
+    engine: &Rc<RefCell<Engine>>,
+    ns: &str,
+    function_id: &str,
+    data: Value,
+    metadata: Option<Value>,
+    limit: std::time::Duration,
+    abandon: impl std::future::Future<Output = ()>,
+) -> Outcome {
+    let id = uuid::Uuid::new_v4();
+    let mut call = Call::internal(ns, function_id, data, metadata);
+    call.forward_id = Some(id);
+    let (tx, rx) = oneshot::channel();
+    engine.borrow_mut().invoke(call, Reply::Internal(tx));
+    let answered = async { Some(rx.await) };
+    let given_up = async {
+        futures_lite::future::or(glommio::timer::sleep(limit), abandon).await;
+        None
+    };
+    match futures_lite::future::or(answered, given_up).await {
+        Some(outcome) => outcome.unwrap_or_else(|_| Err(ErrorBody::new("invocation_error", "the call was dropped"))),
+        None => {
+            let mut e = engine.borrow_mut();
+            if let Some(pending) = e.pending.remove(&id) {
+                if let Some(owner) = e.conns.get_mut(&pending.owner) {
+                    owner.owner_inflight.remove(&id);
+                }
+                e.note_pending();
+            }
+            Err(ErrorBody::new("invocation_timeout", format!("{function_id} gave no result within {} ms", limit.as_millis())))
+        }
     }
 }

@@ -71,14 +71,17 @@ pub enum ShardMsg {
     Deliver { key: GroupKey, item: Option<String>, frame: Bytes },
 }
 
-/// A request from a shard to the control core (which runs functions on workers).
+/// A request from a shard to the control core (which runs functions on workers). Every request
+/// is answered, and each function call it makes is given up after `limit` (or, for `Auth`, as
+/// soon as the shard stops waiting), freeing its pending invocation: the shard bounds how many
+/// requests it has outstanding, so the control core holds a bounded number too.
 pub enum ControlRequest {
     /// Call the auth function with the upgrade request; answer its `context`.
-    Auth { function_id: String, input: Value, reply: oneshot::Sender<Result<Value, String>> },
-    /// Run the `stream:join` triggers; answer whether the join is authorized.
-    Join { payload: Value, reply: oneshot::Sender<bool> },
-    /// Run the `stream:leave` triggers.
-    Leave { payload: Value },
+    Auth { function_id: String, input: Value, limit: std::time::Duration, reply: oneshot::Sender<Result<Value, String>> },
+    /// Run the `stream:join` triggers (each within `limit`); answer whether the join is authorized.
+    Join { payload: Value, limit: std::time::Duration, reply: oneshot::Sender<bool> },
+    /// Run the `stream:leave` triggers (each within `limit`); answered when they are done.
+    Leave { payload: Value, limit: std::time::Duration, reply: oneshot::Sender<()> },
 }
 
 pub type ShardSender = mpsc::UnboundedSender<ShardMsg>;
