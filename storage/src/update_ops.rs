@@ -501,6 +501,27 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn nested(levels: usize) -> Value {
+        (0..levels).fold(json!(1), |inner, _| Value::Array(vec![inner]))
+    }
+
+    #[test]
+    fn max_document_depth_is_what_serde_json_reads_back() {
+        let at_limit = serde_json::to_string(&nested(MAX_DOCUMENT_DEPTH)).unwrap();
+        assert_eq!(depth(&serde_json::from_str(&at_limit).unwrap()), MAX_DOCUMENT_DEPTH);
+        let past = serde_json::to_string(&nested(MAX_DOCUMENT_DEPTH + 1)).unwrap();
+        assert!(serde_json::from_str::<Value>(&past).is_err());
+    }
+
+    #[test]
+    fn one_op_adds_a_bounded_number_of_levels() {
+        // A nested append: the path's objects plus the list around the value.
+        let path: Vec<String> = (0..MAX_PATH_DEPTH).map(|i| format!("k{i}")).collect();
+        let (doc, errors) = apply(None, &[UpdateOp::Append { path, value: nested(10) }]);
+        assert!(errors.is_empty());
+        assert_eq!(depth(&doc), MAX_PATH_DEPTH + 1 + 10);
+    }
+
     fn ops(v: Value) -> Vec<UpdateOp> {
         parse_ops(&v).expect("ops decode")
     }
