@@ -239,8 +239,14 @@ impl Engine {
                     baggage: m.baggage.as_deref(),
                 });
             }
+            // Nobody reads it (void calls, trigger fires): nothing to decode.
+            Reply::Discard => {
+                if let Some(error) = &m.error {
+                    tracing::debug!(error = %error.get(), "call without a waiting caller failed");
+                }
+            }
             // The engine reads the outcome: decode it, or say why it could not be.
-            reply => {
+            reply @ Reply::Internal(_) => {
                 let outcome = decode_outcome(m.result, m.error, self.config.max_json_depth);
                 self.complete(reply, outcome, m.traceparent, m.baggage);
             }
