@@ -191,8 +191,7 @@ async fn read_loop(
         if payload.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let mut scratch = payload.to_vec();
-        match wire::decode(&mut scratch, max_depth) {
+        match wire::decode(&payload, max_depth) {
             Ok(message) => engine.borrow_mut().handle(conn, message),
             Err(error) => reject_frame(engine, conn, &payload, error, max_depth),
         }

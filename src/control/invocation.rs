@@ -4,7 +4,9 @@
 use super::builtins::{BuiltinReply, Handler};
 use super::engine::{ConnId, Engine};
 use super::registry::{is_blank, DEFAULT_NS};
-use super::wire::{Action, ErrorBody, InvocationResult, InvokeFunction, Outbound};
+use super::wire::{Action, ErrorBody, InvocationResult, InvokeFunction, Outbound, Payload};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use futures_channel::oneshot;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -33,8 +35,9 @@ pub struct Pending {
 pub struct Call {
     pub namespace: String,
     pub function_id: String,
-    pub data: Value,
-    pub metadata: Option<Value>,
+    /// Forwarded as it is to a worker; decoded only when a builtin runs the call.
+    pub data: Payload,
+    pub metadata: Option<Payload>,
     pub traceparent: Option<String>,
     pub baggage: Option<String>,
     /// The caller's id, reused on the hop to the owner for sync calls (spec §4.2).
@@ -47,8 +50,8 @@ impl Call {
         Call {
             namespace: namespace.to_string(),
             function_id: function_id.to_string(),
-            data,
-            metadata,
+            data: Payload::Value(data),
+            metadata: metadata.map(Payload::Value),
             traceparent: None,
             baggage: None,
             forward_id: None,
@@ -78,9 +81,9 @@ impl Engine {
         let void = matches!(m.action, Some(Action::Void));
         // The caller's id, for the answer; void calls get none.
         let caller_id = if void { None } else { m.invocation_id.clone() };
-        let parsed_id = match caller_id.as_deref().map(Uuid::parse_str) {
-            Some(Err(_)) => {
-                let id = caller_id.unwrap();
+        let parsed_id = match caller_id.as_deref().map(|id| (id, Uuid::parse_str(id))) {
+            Some((id, Err(_))) => {
+                let id = id.to_string();
                 tracing::warn!(invocation_id = %id, "invokefunction with a non-UUID invocation_id refused");
                 self.reply_to_worker(
                     conn,
@@ -95,7 +98,7 @@ impl Engine {
                 );
                 return;
             }
-            Some(Ok(uuid)) => Some(uuid),
+            Some((_, Ok(uuid))) => Some(uuid),
             None => None,
         };
         let reply = match &caller_id {
@@ -108,19 +111,21 @@ impl Engine {
         }
         let namespace = m.namespace.unwrap_or_else(|| DEFAULT_NS.to_string());
         if let Some(Action::Enqueue { queue }) = m.action {
-            self.enqueue(&namespace, queue, m.function_id, m.data, m.traceparent, m.baggage, reply);
+            let data = m.data.map(Payload::Raw).unwrap_or_default();
+            self.enqueue(&namespace, queue, m.function_id, data, m.traceparent, m.baggage, reply);
             return;
         }
-        let mut data = m.data;
-        if let Value::Object(map) = &mut data {
-            let worker_id = self.conns[&conn].worker_id.clone();
-            map.insert("_caller_worker_id".to_string(), Value::String(worker_id));
+        let mut data = m.data.map(Payload::Raw).unwrap_or_default();
+        if data.is_object() {
+            if let Some(caller) = self.conns.get(&conn) {
+                data = data.insert_str("_caller_worker_id", &caller.worker_id);
+            }
         }
         let call = Call {
             namespace,
             function_id: m.function_id,
             data,
-            metadata: m.metadata,
+            metadata: m.metadata.map(Payload::Raw),
             traceparent: m.traceparent,
             baggage: m.baggage,
             forward_id: parsed_id,
@@ -144,7 +149,16 @@ impl Engine {
         };
         match handler {
             Handler::Builtin(run) => {
-                match run(self, call.data) {
+                // Builtins read their input: decode it here, and answer why when it cannot be.
+                let data = match call.data.decode(self.config.max_json_depth) {
+                    Ok(data) => data,
+                    Err(e) => {
+                        let message = format!("Failed to deserialize input for {}: {e}", call.function_id);
+                        self.complete(reply, Err(ErrorBody::new("deserialization_error", message)), None, None);
+                        return;
+                    }
+                };
+                match run(self, data) {
                     BuiltinReply::Now(outcome) => self.complete(reply, outcome, None, None),
                     BuiltinReply::Later(fut) => {
                         let engine = self.self_ref.clone();
@@ -208,11 +222,35 @@ impl Engine {
             owner.owner_inflight.remove(&id);
         }
         self.forget_caller(&pending.reply, &id);
-        let outcome = match m.error {
-            Some(error) => Err(error),
-            None => Ok(m.result),
-        };
-        self.complete(pending.reply, outcome, m.traceparent, m.baggage);
+        match pending.reply {
+            // A worker waits: relay the owner's text as it is (an error wins over a result).
+            Reply::Caller { conn, invocation_id, function_id } => {
+                let Some(caller) = self.conns.get(&conn) else { return };
+                let (result, error) = match &m.error {
+                    Some(error) => (None, Some(error.as_ref())),
+                    None => (m.result.as_deref(), None),
+                };
+                caller.send(&Outbound::RelayedResult {
+                    invocation_id: &invocation_id,
+                    function_id: &function_id,
+                    result,
+                    error,
+                    traceparent: m.traceparent.as_deref(),
+                    baggage: m.baggage.as_deref(),
+                });
+            }
+            // Nobody reads it (void calls, trigger fires): nothing to decode.
+            Reply::Discard => {
+                if let Some(error) = &m.error {
+                    tracing::debug!(error = %error.get(), "call without a waiting caller failed");
+                }
+            }
+            // The engine reads the outcome: decode it, or say why it could not be.
+            reply @ Reply::Internal(_) => {
+                let outcome = decode_outcome(m.result, m.error, self.config.max_json_depth);
+                self.complete(reply, outcome, m.traceparent, m.baggage);
+            }
+        }
     }
 
     /// Removes `id` from the waiting caller's in-flight set.
@@ -272,7 +310,7 @@ impl Engine {
         namespace: &str,
         queue: String,
         function_id: String,
-        data: Value,
+        data: Payload,
         traceparent: Option<String>,
         baggage: Option<String>,
         reply: Reply,
@@ -294,19 +332,27 @@ impl Engine {
             return;
         }
         let receipt = Uuid::new_v4().to_string();
-        let mut payload = serde_json::json!({
-            "queue": queue,
-            "function_id": function_id,
-            "data": data,
-            "messageReceiptId": receipt,
-            "traceparent": traceparent,
-            "baggage": baggage,
-        });
-        if namespace != DEFAULT_NS {
-            payload["namespace"] = Value::String(namespace.to_string());
-        }
+        // The caller's data goes to the queue provider as it arrived.
+        let payload = EnqueuePayload {
+            queue: &queue,
+            function_id: &function_id,
+            data: &data,
+            message_receipt_id: &receipt,
+            traceparent: traceparent.as_deref(),
+            baggage: baggage.as_deref(),
+            namespace: (namespace != DEFAULT_NS).then_some(namespace),
+        };
+        let payload = match serde_json::value::to_raw_value(&payload) {
+            Ok(raw) => Payload::Raw(raw),
+            Err(e) => {
+                self.complete(reply, Err(ErrorBody::new("enqueue_error", format!("cannot encode the queued call: {e}"))), None, None);
+                return;
+            }
+        };
         let (tx, rx) = oneshot::channel();
-        self.invoke(Call::internal(DEFAULT_NS, PROVIDER, payload, None), Reply::Internal(tx));
+        let mut call = Call::internal(DEFAULT_NS, PROVIDER, Value::Null, None);
+        call.data = payload;
+        self.invoke(call, Reply::Internal(tx));
         let engine = self.self_ref.clone();
         self.spawn(async move {
             let outcome = match rx.await {
@@ -344,6 +390,35 @@ impl Engine {
             }
         }
         None
+    }
+}
+
+/// The input of `engine::queue::enqueue`.
+#[derive(Serialize)]
+struct EnqueuePayload<'a> {
+    queue: &'a str,
+    function_id: &'a str,
+    data: &'a Payload,
+    #[serde(rename = "messageReceiptId")]
+    message_receipt_id: &'a str,
+    traceparent: Option<&'a str>,
+    baggage: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<&'a str>,
+}
+
+/// A worker's `invocationresult` for an engine-internal caller, decoded: the result under the
+/// rules of `Payload::decode`, the error as an `ErrorBody`. What does not decode becomes an error
+/// that names the problem, so the caller is never left waiting or handed a changed value.
+fn decode_outcome(result: Option<Box<RawValue>>, error: Option<Box<RawValue>>, max_depth: usize) -> Outcome {
+    if let Some(error) = error {
+        return Err(serde_json::from_str::<ErrorBody>(error.get()).unwrap_or_else(|e| {
+            ErrorBody::new("invalid_result", format!("the function's error could not be decoded: {e}"))
+        }));
+    }
+    match result.map(|raw| Payload::Raw(raw).decode(max_depth)).transpose() {
+        Ok(result) => Ok(result),
+        Err(e) => Err(ErrorBody::new("invalid_result", format!("the function's result could not be decoded: {e}"))),
     }
 }
 

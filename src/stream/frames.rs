@@ -9,7 +9,11 @@ pub fn now_ms() -> u64 {
 }
 
 fn push_json_str(out: &mut String, s: &str) {
-    out.push_str(&serde_json::to_string(s).expect("strings serialise"));
+    // Serialising a &str cannot fail; an empty string stands in rather than a panic.
+    match serde_json::to_string(s) {
+        Ok(quoted) => out.push_str(&quoted),
+        Err(_) => out.push_str("\"\""),
+    }
 }
 
 /// `{"type":"stream","timestamp":…,"streamName":…,"groupId":…,"id":…,"event":` … `}` around

@@ -111,8 +111,56 @@ fn storage_error(code: &str, message: impl Into<String>) -> Result<Option<Value>
     Err((code.to_string(), message.into()))
 }
 
-fn parse_stored(json: &Json) -> Value {
-    serde_json::from_str(json).unwrap_or(Value::Null)
+/// Reads a stored value. Never turns into `null`: text that does not parse (a value written
+/// deeper than the reader accepts, by a version without the write-time check) is an error that
+/// names the problem; the text itself stays stored and is still what subscribers' frames carry.
+fn parse_stored(json: &Json) -> Result<Value, String> {
+    serde_json::from_str(json).map_err(|e| format!("the stored value cannot be read back: {e}"))
+}
+
+/// `(code, message)` for a stored value `parse_stored` could not read.
+fn unreadable(code: &str, item: &str, why: String) -> (String, String) {
+    (code.to_string(), format!("item {item:?}: {why}"))
+}
+
+/// Checks a document about to be stored against the limits that let it read back as itself:
+/// `max_value_bytes` on its text and `MAX_DOCUMENT_DEPTH` on its nesting.
+fn check_storable(value: &Value, text: &str, max_value: usize, what: &str) -> Result<(), String> {
+    let depth = update_ops::depth(value);
+    if depth > update_ops::MAX_DOCUMENT_DEPTH {
+        return Err(format!(
+            "{what} is nested {depth} levels deep, over the limit of {} levels a stored value may have",
+            update_ops::MAX_DOCUMENT_DEPTH
+        ));
+    }
+    if text.len() > max_value {
+        return Err(format!("{what} is {} bytes, over the limit of {max_value} bytes (max_value_bytes)", text.len()));
+    }
+    Ok(())
+}
+
+/// The JSON text of a value. Serialising a `Value` cannot fail (its keys are strings); the
+/// error path keeps that an error rather than a panic.
+fn value_text(value: &Value) -> Result<Json, String> {
+    serde_json::to_string(value).map(Json::from).map_err(|e| format!("the value cannot be encoded: {e}"))
+}
+
+/// `{"old_value": …}` plus `extra`; an unreadable old value is reported in `old_value_error`
+/// instead of being shown as `null` (the write it belongs to has happened).
+fn with_old_value(old: Option<&Json>, extra: Option<(&str, Value)>) -> Value {
+    let mut result = serde_json::Map::new();
+    match old.map(parse_stored).transpose() {
+        Ok(old) => {
+            result.insert("old_value".to_string(), old.unwrap_or(Value::Null));
+        }
+        Err(why) => {
+            result.insert("old_value_error".to_string(), Value::String(why));
+        }
+    }
+    if let Some((key, value)) = extra {
+        result.insert(key.to_string(), value);
+    }
+    Value::Object(result)
 }
 
 /// The outcome of a storage operation, before it is made durable and published.
@@ -197,24 +245,28 @@ impl Shard {
         };
         let result = match op {
             StoreOp::Set { item, data } => {
-                let text: Json = serde_json::to_string(&data).expect("values serialise").into();
-                if text.len() > max_value {
-                    storage_error("STREAM_SET_ERROR", format!("Failed to set value: the value is {} bytes, over the limit of {max_value} bytes (max_value_bytes)", text.len()))
-                } else {
-                    match self.store.set(stream, group, &item, text.clone()) {
+                let checked = value_text(&data).and_then(|text| {
+                    check_storable(&data, &text, max_value, "the value").map(|()| text)
+                });
+                match checked {
+                    Err(why) => storage_error("STREAM_SET_ERROR", format!("Failed to set value: {why}")),
+                    Ok(text) => match self.store.set(stream, group, &item, text.clone()) {
                         Ok(old) => {
                             self.account_store(text.len(), old.as_ref().map_or(0, |o| o.len()));
                             let kind = if old.is_some() { EventKind::Update } else { EventKind::Create };
                             event = Some((Some(item.clone()), frames::data_event(stream, group, Some(&item), kind.as_str(), &text)));
-                            Ok(Some(json!({ "old_value": old.as_ref().map(parse_stored), "new_value": data })))
+                            Ok(Some(with_old_value(old.as_ref(), Some(("new_value", data)))))
                         }
                         Err(e) => storage_error("STREAM_SET_ERROR", format!("Failed to set value: {e}")),
-                    }
+                    },
                 }
             }
             StoreOp::Get { item } => match self.store.health() {
-                Ok(()) => Ok(self.store.get(stream, group, &item).as_ref().map(parse_stored)),
                 Err(e) => storage_error("STREAM_STORE_ERROR", e.to_string()),
+                Ok(()) => match self.store.get(stream, group, &item).as_ref().map(parse_stored).transpose() {
+                    Ok(value) => Ok(value),
+                    Err(why) => Err(unreadable("STREAM_GET_ERROR", &item, why)),
+                },
             },
             StoreOp::Delete { item } => match self.store.delete(stream, group, &item) {
                 Ok(old) => {
@@ -222,47 +274,61 @@ impl Shard {
                         self.account_store(0, old.len());
                         event = Some((Some(item.clone()), frames::data_event(stream, group, Some(&item), "delete", old)));
                     }
-                    Ok(Some(json!({ "old_value": old.as_ref().map(parse_stored) })))
+                    Ok(Some(with_old_value(old.as_ref(), None)))
                 }
                 Err(e) => storage_error("STREAM_DELETE_ERROR", format!("Failed to delete value: {e}")),
             },
             StoreOp::List => match self.store.health() {
-                Ok(()) => Ok(Some(Value::Array(self.store.list(stream, group).iter().map(parse_stored).collect()))),
                 Err(e) => storage_error("STREAM_STORE_ERROR", e.to_string()),
+                Ok(()) => {
+                    let values: Result<Vec<Value>, String> = self.store.list(stream, group).iter().map(parse_stored).collect();
+                    match values {
+                        Ok(values) => Ok(Some(Value::Array(values))),
+                        Err(why) => storage_error("STREAM_GET_GROUP_ERROR", format!("a value of group {group:?}: {why}")),
+                    }
+                }
             },
             StoreOp::Update { item, ops } => {
                 let old = self.store.get(stream, group, &item);
-                let old_value = old.as_ref().map(parse_stored);
-                let (new_value, errors) = update_ops::apply(old_value.as_ref(), &ops);
-                let text: Json = serde_json::to_string(&new_value).expect("values serialise").into();
-                if text.len() > max_value {
-                    storage_error("STREAM_UPDATE_ERROR", format!("Failed to update value: the result is {} bytes, over the limit of {max_value} bytes (max_value_bytes)", text.len()))
-                } else {
-                    match self.store.set(stream, group, &item, text.clone()) {
+                // The ops apply to the stored document: one that cannot be read is left as it is
+                // (applying to `null` would erase it).
+                let applied = old.as_ref().map(parse_stored).transpose().and_then(|old_value| {
+                    let (new_value, errors) = update_ops::apply(old_value.as_ref(), &ops);
+                    let text = value_text(&new_value)?;
+                    check_storable(&new_value, &text, max_value, "the result")?;
+                    Ok((old_value, new_value, errors, text))
+                });
+                match applied {
+                    Err(why) => storage_error("STREAM_UPDATE_ERROR", format!("Failed to update value: item {item:?}: {why}")),
+                    Ok((old_value, new_value, errors, text)) => match self.store.set(stream, group, &item, text.clone()) {
                         Ok(_) => {
                             self.account_store(text.len(), old.as_ref().map_or(0, |o| o.len()));
                             let kind = if old.is_some() { EventKind::Update } else { EventKind::Create };
                             event = Some((Some(item.clone()), frames::data_event(stream, group, Some(&item), kind.as_str(), &text)));
                             let mut result = json!({ "old_value": old_value, "new_value": new_value });
                             if !errors.is_empty() {
-                                result["errors"] = serde_json::to_value(&errors).expect("errors serialise");
+                                result["errors"] = serde_json::to_value(&errors).unwrap_or(Value::Null);
                             }
                             Ok(Some(result))
                         }
                         Err(e) => storage_error("STREAM_UPDATE_ERROR", format!("Failed to update value: {e}")),
-                    }
+                    },
                 }
             }
-            StoreOp::Send { item, event_type, data } => {
-                let data = serde_json::to_string(&data).expect("values serialise");
-                event = Some((item.clone(), frames::custom_event(stream, group, item.as_deref(), &event_type, &data)));
-                Ok(Some(Value::Null))
-            }
-            StoreOp::Emit { item, kind, data } => {
-                let data = serde_json::to_string(&data).expect("values serialise");
-                event = Some((item.clone(), frames::data_event(stream, group, item.as_deref(), kind.as_str(), &data)));
-                Ok(None)
-            }
+            StoreOp::Send { item, event_type, data } => match value_text(&data) {
+                Ok(data) => {
+                    event = Some((item.clone(), frames::custom_event(stream, group, item.as_deref(), &event_type, &data)));
+                    Ok(Some(Value::Null))
+                }
+                Err(why) => storage_error("STREAM_SEND_ERROR", why),
+            },
+            StoreOp::Emit { item, kind, data } => match value_text(&data) {
+                Ok(data) => {
+                    event = Some((item.clone(), frames::data_event(stream, group, item.as_deref(), kind.as_str(), &data)));
+                    Ok(None)
+                }
+                Err(why) => storage_error("STREAM_EMIT_ERROR", why),
+            },
         };
         let wrote = result.is_ok() && event.is_some() && !matches!(kind_of_op, OpKind::Ephemeral);
         Applied { result, event, wrote }

@@ -21,6 +21,11 @@ const MAX_VALUE_KEYS: usize = 1024;
 /// Names rejected as path segments and as merge-value keys: JavaScript consumers that spread the
 /// stored JSON into objects would otherwise reach the prototype chain through them.
 const PROTO_KEYS: [&str; 3] = ["__proto__", "constructor", "prototype"];
+/// Deepest document (1 per object/array level, as [`depth`] counts) a stored value may be: the
+/// most serde_json reads back (its parser stops at 128 levels, counting from 1 at the root,
+/// and refuses the 128th). A write whose resulting document is deeper is refused, so that every
+/// stored value reads back as itself.
+pub const MAX_DOCUMENT_DEPTH: usize = 127;
 /// Where every error entry points its reader.
 pub const DOC_URL: &str = "https://iii.dev/docs/workers/iii-state#error-codes";
 
@@ -441,7 +446,9 @@ fn validate_merge_value(value: &Value) -> Result<&Map<String, Value>, Failure> {
 }
 
 /// Nesting depth: 1 per object/array level, scalars 0 (so `{}` is 1 and `{"a":[1]}` is 2).
-fn depth(value: &Value) -> usize {
+/// Recursive: call it on parsed values (serde_json bounds them) or documents built from them
+/// by [`apply`] (a path adds at most `MAX_PATH_DEPTH + 1` levels per op, never compounding).
+pub fn depth(value: &Value) -> usize {
     match value {
         Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
         Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
@@ -493,6 +500,27 @@ fn type_name(value: &Value) -> &'static str {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn nested(levels: usize) -> Value {
+        (0..levels).fold(json!(1), |inner, _| Value::Array(vec![inner]))
+    }
+
+    #[test]
+    fn max_document_depth_is_what_serde_json_reads_back() {
+        let at_limit = serde_json::to_string(&nested(MAX_DOCUMENT_DEPTH)).unwrap();
+        assert_eq!(depth(&serde_json::from_str(&at_limit).unwrap()), MAX_DOCUMENT_DEPTH);
+        let past = serde_json::to_string(&nested(MAX_DOCUMENT_DEPTH + 1)).unwrap();
+        assert!(serde_json::from_str::<Value>(&past).is_err());
+    }
+
+    #[test]
+    fn one_op_adds_a_bounded_number_of_levels() {
+        // A nested append: the path's objects plus the list around the value.
+        let path: Vec<String> = (0..MAX_PATH_DEPTH).map(|i| format!("k{i}")).collect();
+        let (doc, errors) = apply(None, &[UpdateOp::Append { path, value: nested(10) }]);
+        assert!(errors.is_empty());
+        assert_eq!(depth(&doc), MAX_PATH_DEPTH + 1 + 10);
+    }
 
     fn ops(v: Value) -> Vec<UpdateOp> {
         parse_ops(&v).expect("ops decode")
