@@ -12,18 +12,14 @@ cd "$(dirname "$0")/.."
 ENGINE=${RINGCAST_BIN:-target/release/ringcast}
 LOADTEST=${RINGCAST_LOADTEST_BIN:-target/release/ringcast-loadtest}
 
-# >>> Extra engine config for the chaos soak, e.g. short ping and slow-subscriber timeouts so
-# that stalled subscribers are closed within the soak. Empty by default: the engine refuses
-# unknown keys. Top-level YAML lines (no indent):
-CHAOS_ENGINE_CONFIG=${CHAOS_ENGINE_CONFIG:-}
-# Lines under `iii-stream`'s `config:` (6 spaces of indent):
-CHAOS_STREAM_CONFIG=${CHAOS_STREAM_CONFIG:-}
-# Lines under `iii-worker-manager`'s `config:` (6 spaces of indent):
-CHAOS_WORKER_CONFIG=${CHAOS_WORKER_CONFIG:-}
-# Extra flags for the chaos soak, e.g. --stall-must-close once the engine closes stalled
-# subscribers within --stall-hold (2 s).
-CHAOS_FLAGS=${CHAOS_FLAGS:-}
-# <<<
+# The chaos soak's engine: stalled subscribers (held 2 s, then drained for up to 2 s) are closed by
+# its ping timeout or stall timer meanwhile, so the soak can insist that every one was closed.
+CHAOS_ENGINE_CONFIG=""
+CHAOS_STREAM_CONFIG="      slow_subscriber_timeout_ms: 1000
+      ping_interval_ms: 400
+      ping_timeout_ms: 800"
+CHAOS_WORKER_CONFIG=""
+CHAOS_FLAGS="--stall-must-close --stall-hold 2"
 
 DIR=$(mktemp -d)
 PID=

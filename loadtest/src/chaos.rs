@@ -31,8 +31,10 @@ const VICTIM_WAIT: u64 = 2 * NS;
 const BARRIER_TIMEOUT: u64 = 5 * NS;
 /// Receive buffer of a stalled subscriber: small, so the engine's queue for it fills sooner.
 const STALL_RCVBUF: i32 = 4096;
-/// How much a stalled subscriber reads back when it is inspected at the end of its hold.
-const STALL_DRAIN: usize = 64 << 20;
+/// How much a stalled subscriber reads back per pass once its hold is over.
+const STALL_DRAIN: usize = 4 << 20;
+/// How long a stalled subscriber keeps draining, after its hold, for the engine's close.
+const STALL_DRAIN_WAIT: u64 = 2 * NS;
 /// How often the engine's RSS is sampled for the peak.
 const RSS_EVERY: u64 = NS / 4;
 /// Longest error text kept.
@@ -47,7 +49,8 @@ pub struct ChaosArgs {
     pub warmup: f64,
     /// seconds a stalled subscriber holds its socket without reading before it is inspected
     pub stall_hold: f64,
-    /// fail unless the engine closed every stalled subscriber within `stall_hold`
+    /// fail unless the engine closed every stalled subscriber within `stall_hold` (plus the
+    /// drain that reads up to its close)
     pub stall_must_close: bool,
     /// calls sent to each worker that is then killed before it answers
     pub kill_calls: u32,
@@ -132,6 +135,9 @@ enum Phase {
     FinWait { deadline: u64 },
     /// joined and never reads; inspected at `until`
     Stalled { until: u64 },
+    /// the hold is over: reading what the engine queued, to see how it ended the connection
+    /// (its close frame or FIN sits behind whatever the kernel buffered), until `deadline`
+    StallDrain { deadline: u64 },
     /// registered its function; waiting for the answer to a call sent after the registration
     Barrier { id: String, deadline: u64 },
     /// calls sent to it; collecting them until all arrived or `deadline`, then killed
@@ -407,11 +413,15 @@ impl Cx<'_> {
                 self.t.stall += 1;
                 let initial = std::mem::take(&mut c.conn.initial);
                 c.conn.feed(&initial, &mut self.ts, now);
-                let end = read_some(&mut c.conn, &mut self.rbuf, &mut self.ts, STALL_DRAIN);
-                match end {
+                c.phase = Phase::StallDrain { deadline: now + STALL_DRAIN_WAIT };
+                Some(c)
+            }
+            Phase::StallDrain { deadline } => {
+                match read_some(&mut c.conn, &mut self.rbuf, &mut self.ts, STALL_DRAIN) {
                     End::Close(code) => *self.t.stall_close_codes.entry(code).or_default() += 1,
                     End::Eof => self.t.stall_eof += 1,
                     End::Reset => self.t.stall_reset += 1,
+                    End::Open if now < deadline => return Some(c),
                     End::Open => {
                         self.t.stall_open += 1;
                         reset(c.conn);
@@ -590,6 +600,7 @@ pub fn run(
     let hard_end = end_at
         + SYNC_TIMEOUT
         + ((a.stall_hold.max(0.0) + a.call_timeout.max(0.0)) * 1e9) as u64
+        + STALL_DRAIN_WAIT
         + 5 * NS;
     let mut next_rss = 0u64;
     loop {
