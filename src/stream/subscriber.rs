@@ -25,11 +25,11 @@ const MAX_REQUEST_BYTES: usize = 16 << 10;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the upgrade request asked for.
-struct Upgrade {
+pub(crate) struct Upgrade {
     key: String,
-    path: String,
+    pub(crate) path: String,
     headers: Map<String, Value>,
-    query: Map<String, Value>,
+    pub(crate) query: Map<String, Value>,
     offers_authorization: bool,
 }
 
@@ -157,7 +157,7 @@ async fn read_upgrade(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Upgr
     }
 }
 
-fn upgrade_of(request: &httparse::Request) -> Result<Upgrade, &'static str> {
+pub(crate) fn upgrade_of(request: &httparse::Request) -> Result<Upgrade, &'static str> {
     if request.method != Some("GET") {
         return Err("405 Method Not Allowed");
     }
@@ -188,7 +188,7 @@ fn upgrade_of(request: &httparse::Request) -> Result<Upgrade, &'static str> {
 
 /// The query string as the reference passes it to the auth function: split on `&` and the first
 /// `=`, not percent-decoded, repeated keys accumulated in order, empty keys skipped.
-fn query_params(query: &str) -> Map<String, Value> {
+pub(crate) fn query_params(query: &str) -> Map<String, Value> {
     let mut params = Map::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -203,7 +203,7 @@ fn query_params(query: &str) -> Map<String, Value> {
     params
 }
 
-fn percent_decode(segment: &str) -> String {
+pub(crate) fn percent_decode(segment: &str) -> String {
     let bytes = segment.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -222,7 +222,7 @@ fn percent_decode(segment: &str) -> String {
 }
 
 /// `/` (joins come as frames) or `/stream/{stream}/{group}/[{item}]`, an implicit join.
-fn implicit_join(path: &str) -> Result<Option<(GroupKey, Option<String>)>, ()> {
+pub(crate) fn implicit_join(path: &str) -> Result<Option<(GroupKey, Option<String>)>, ()> {
     if path == "/" {
         return Ok(None);
     }
@@ -374,14 +374,14 @@ async fn write_loop(socket: Socket, queue: OutQueue) {
 
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-enum ClientMessage {
+pub(crate) enum ClientMessage {
     Join { data: JoinData },
     Leave { data: JoinData },
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct JoinData {
+pub(crate) struct JoinData {
     subscription_id: String,
     stream_name: String,
     group_id: String,
