@@ -56,19 +56,21 @@ pub fn subscriber_frame(data: &[u8]) {
 
 /// Feeds `bytes` to a read buffer `chunk` bytes at a time, taking every complete frame off after
 /// each read as the subscriber reader does; stops at the first error. Returns the frames (and
-/// the error) and how many bytes were left unparsed.
+/// the error) and how many bytes were not taken off as frames (buffered or not yet fed).
 fn parse_frames(bytes: &[u8], chunk: usize) -> (Vec<Result<ClientFrame, FrameError>>, usize) {
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
+    let mut fed = 0;
     for piece in bytes.chunks(chunk) {
         buf.extend_from_slice(piece);
+        fed += piece.len();
         loop {
             match wsframe::parse_client_frame(&mut buf, SUBSCRIBER_MAX_FRAME) {
                 Ok(Some(frame)) => out.push(Ok(frame)),
                 Ok(None) => break,
                 Err(error) => {
                     out.push(Err(error));
-                    return (out, buf.len());
+                    return (out, buf.len() + bytes.len() - fed);
                 }
             }
         }
@@ -117,7 +119,7 @@ pub fn config(data: &[u8]) {
 /// Splits a store_recovery input into segment files.
 pub const SEGMENT_SEPARATOR: &[u8] = b"--seg--";
 /// Most segment files one input makes.
-const MAX_SEGMENTS: usize = 4;
+const MAX_SEGMENTS: usize = 8;
 
 /// File-store recovery over arbitrary segment bytes (`SEGMENT_SEPARATOR` between files): open
 /// must not panic, and a second open must reach exactly the state of the first.
