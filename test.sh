@@ -10,6 +10,7 @@ cargo build --release --workspace --all-targets
 echo "== Rust unit and integration tests =="
 cargo test --release --workspace
 cargo bench --no-run --workspace
+bash tests/fuzz.sh  # coverage-guided fuzzing of every parser, 10 s per target
 
 export RINGCAST_BIN="$PWD/target/release/ringcast"
 

@@ -7,6 +7,8 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod control;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod stream;
 

@@ -6,7 +6,7 @@ pub mod functions;
 pub mod messages;
 pub mod shard;
 pub mod store;
-mod subscriber;
+pub(crate) mod subscriber;
 
 use messages::ShardSender;
 

@@ -324,7 +324,7 @@ pub(crate) fn upgrade_of(request: &httparse::Request) -> Result<Upgrade, &'stati
 
 /// The query string as the reference passes it to the auth function: split on `&` and the first
 /// `=`, not percent-decoded, repeated keys accumulated in order, empty keys skipped.
-fn query_params(query: &str) -> Map<String, Value> {
+pub(crate) fn query_params(query: &str) -> Map<String, Value> {
     let mut params = Map::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -524,14 +524,14 @@ async fn write_loop(socket: Socket, queue: OutQueue) {
 
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-enum ClientMessage {
+pub(crate) enum ClientMessage {
     Join { data: JoinData },
     Leave { data: JoinData },
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct JoinData {
+pub(crate) struct JoinData {
     subscription_id: String,
     stream_name: String,
     group_id: String,
