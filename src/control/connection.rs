@@ -116,7 +116,7 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
 async fn serve_worker(
     engine: Rc<RefCell<Engine>>,
     sink: WebSocketSender<TcpStream>,
-    source: WebSocketReceiver<TcpStream>,
+    mut source: WebSocketReceiver<TcpStream>,
     peer: String,
 ) {
     let (limit, ping_interval, ping_timeout) = {
@@ -129,7 +129,7 @@ async fn serve_worker(
     let writer = glommio::spawn_local(write_loop(sink, rx, outbox.clone()));
     let last_inbound = Cell::new(Instant::now());
     {
-        let reading = std::pin::pin!(read_loop(&engine, conn, source, &outbox, &last_inbound));
+        let reading = std::pin::pin!(read_loop(&engine, conn, &mut source, &outbox, &last_inbound));
         let pinging = std::pin::pin!(ping_loop(&outbox, &last_inbound, ping_interval, ping_timeout));
         // Either ends the connection; the other is dropped with it.
         futures_util::future::select(reading, pinging).await;
@@ -151,13 +151,21 @@ async fn serve_worker(
     outbox.end(None);
     // The writer stops within CLOSE_GRACE of `end`; the socket closes when both halves drop.
     writer.await;
+    // Lingering close: what the peer still sends is read and discarded until it closes or
+    // CLOSE_GRACE passes, because closing a socket with unread input sends an RST, and the peer
+    // would then lose the frames (the close frame among them) still in its receive buffer.
+    let _ = glommio::timer::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(_)) = source.next().await {}
+        Ok(())
+    })
+    .await;
 }
 
 /// Reads frames into the engine until the peer goes away or the connection is ended.
 async fn read_loop(
     engine: &Rc<RefCell<Engine>>,
     conn: u64,
-    mut source: WebSocketReceiver<TcpStream>,
+    source: &mut WebSocketReceiver<TcpStream>,
     outbox: &Outbox,
     last_inbound: &Cell<Instant>,
 ) {
