@@ -138,6 +138,21 @@ fn a_failed_fdatasync_fails_the_write_and_stops_the_store() {
     let write = w.call("stream::set", json!({"stream_name": "s", "group_id": "g", "item_id": "c", "data": 3}));
     let message = write["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("failed") && message.contains("restart"), "{write}");
+    // A join gets no snapshot from a failed store (it may hold the write that failed): the
+    // subscriber is closed with 1011, naming the failure.
+    let mut sub = Subscriber::connect(&engine);
+    sub.join("s1", "s", "g", None);
+    let close = loop {
+        match sub.ws.read() {
+            Ok(tungstenite::Message::Close(frame)) => break frame,
+            Ok(tungstenite::Message::Text(text)) => panic!("a failed store served a frame: {text}"),
+            Ok(_) => continue,
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    let close = close.expect("a close frame with a code");
+    assert_eq!(u16::from(close.code), 1011);
+    assert!(close.reason.contains("restart"), "{close:?}");
     let log = stderr(&engine);
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("refuses reads and writes")).collect();
     assert_eq!(lines.len(), 1, "one log line for the operator: {log}");

@@ -66,10 +66,16 @@ pub enum ShardMsg {
     Leave { from_shard: usize, key: GroupKey },
     /// From the owner: the `sync` frame of a subscription, taken at the point in the group's
     /// event sequence after which `Deliver`s for it follow.
-    Synced { conn: ConnId, join_id: u64, key: GroupKey, frame: Bytes },
+    Synced { conn: ConnId, join_id: u64, key: GroupKey, snapshot: Snapshot },
     /// From the owner: one event frame of `key`, for this shard's subscribers.
     Deliver { key: GroupKey, item: Option<String>, frame: Bytes },
 }
+
+/// A join's `sync` frame, or the close code and reason the subscriber gets instead.
+pub type Snapshot = Result<Bytes, (u16, &'static str)>;
+
+/// Close code and reason for a join on a shard whose store has failed (fail-stop).
+pub const CLOSE_STORE_FAILED: (u16, &str) = (1011, "the store failed: restart the engine");
 
 /// A request from a shard to the control core (which runs functions on workers). Every request
 /// is answered, and each function call it makes is given up after `limit` (or, for `Auth`, as

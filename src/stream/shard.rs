@@ -226,7 +226,7 @@ impl Shard {
             }
             ShardMsg::Join { from_shard, conn, join_id, key, item } => self.join_at_owner(from_shard, conn, join_id, key, item),
             ShardMsg::Leave { from_shard, key } => self.leave_at_owner(from_shard, &key),
-            ShardMsg::Synced { conn, join_id, key, frame } => self.activate(conn, join_id, key, frame),
+            ShardMsg::Synced { conn, join_id, key, snapshot } => self.activate(conn, join_id, key, snapshot),
             ShardMsg::Deliver { key, item, frame } => {
                 self.deliver_local(&key, item.as_deref(), &frame);
                 self.ctx.metrics.queued_bytes[self.ctx.index].fetch_sub(frame.len(), Ordering::Relaxed);
@@ -645,20 +645,26 @@ impl Shard {
             self.deferred_joins.push((from_shard, conn, join_id, key, item));
             return;
         }
-        *self.interest.entry(key.clone()).or_default().entry(from_shard).or_default() += 1;
-        let text = match &item {
-            Some(id) => {
-                let value = self.store.get(&key.0, &key.1, id);
-                frames::data_event(&key.0, &key.1, Some(id), "sync", value.as_deref().unwrap_or("null"))
+        // A failed store serves no snapshot: its index may hold a write that never became durable.
+        let snapshot = match self.store.health() {
+            Err(_) => Err(CLOSE_STORE_FAILED),
+            Ok(()) => {
+                *self.interest.entry(key.clone()).or_default().entry(from_shard).or_default() += 1;
+                let text = match &item {
+                    Some(id) => {
+                        let value = self.store.get(&key.0, &key.1, id);
+                        frames::data_event(&key.0, &key.1, Some(id), "sync", value.as_deref().unwrap_or("null"))
+                    }
+                    None => frames::group_sync(&key.0, &key.1, &self.store.list(&key.0, &key.1)),
+                };
+                Ok(text_frame(text.as_bytes()))
             }
-            None => frames::group_sync(&key.0, &key.1, &self.store.list(&key.0, &key.1)),
         };
-        let frame = text_frame(text.as_bytes());
         if from_shard == self.ctx.index {
             // Activate now: the next local publish must already include this subscription.
-            self.activate(conn, join_id, key, frame);
+            self.activate(conn, join_id, key, snapshot);
         } else {
-            let _ = self.ctx.peers[from_shard].unbounded_send(ShardMsg::Synced { conn, join_id, key, frame });
+            let _ = self.ctx.peers[from_shard].unbounded_send(ShardMsg::Synced { conn, join_id, key, snapshot });
         }
     }
 
@@ -678,7 +684,12 @@ impl Shard {
 
     /// The owner's snapshot arrived: queue the `sync` frame and start delivering. A subscription
     /// that ended (or was replaced) meanwhile gives its interest back instead.
-    fn activate(&mut self, conn: ConnId, join_id: u64, key: GroupKey, frame: Bytes) {
+    fn activate(&mut self, conn: ConnId, join_id: u64, key: GroupKey, snapshot: Snapshot) {
+        let frame = match snapshot {
+            Ok(frame) => frame,
+            // No interest was registered for a refused snapshot: nothing to give back.
+            Err((code, reason)) => return self.close_conn(conn, code, reason),
+        };
         let sub = self
             .conns
             .get_mut(&conn)
