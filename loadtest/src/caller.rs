@@ -13,12 +13,11 @@ use serde_json::value::RawValue;
 use crate::conn::new_hist;
 use crate::report::{count_error, snippet};
 use crate::runloop::Shared;
-use crate::sys::{self, ProcSnap};
+use crate::sys::{self, ProcSnap, NS};
 use crate::ws;
 
 /// Sequence numbers at or above this mark availability probes (not counted).
 const PROBE_BASE: u64 = 1 << 39;
-const NS: u64 = 1_000_000_000;
 
 pub enum CallKind {
     StreamSet {
@@ -100,6 +99,16 @@ pub struct Caller {
 const ERROR_TEXT: usize = 400;
 
 impl Caller {
+    /// Seconds from the first call to the end of publishing (or of the run, if sooner).
+    pub fn publish_secs(&self) -> f64 {
+        (self.pub_end.min(self.end_ns) - self.pub_start) as f64 / 1e9
+    }
+
+    /// Seconds from the first call to the end of the drain: the window rates are taken over.
+    pub fn window_secs(&self) -> f64 {
+        (self.end_ns - self.pub_start) as f64 / 1e9
+    }
+
     pub fn new(kind: CallKind, cfg: CallerCfg, now: u64) -> Caller {
         // the data object is {"t":<≤20 digits>,"seq":<≤12 digits>,"pad":"…"}: ~50 bytes of overhead
         let pad = "x".repeat(cfg.payload.saturating_sub(50));
@@ -414,4 +423,47 @@ pub fn echo_reply(msg: &[u8], out: &mut Vec<u8>, mask: [u8; 4], scratch: &mut Ve
     scratch.push(b'}');
     ws::encode_client_frame(out, ws::OP_TEXT, scratch, mask);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_reply_shape() {
+        let mut out = Vec::new();
+        let mut scratch = Vec::new();
+        let msg = br#"{"type":"invokefunction","invocation_id":"0f8a3c62-3a3e-4a57-b2b6-8d1a2a0b1f77","function_id":"loadtest::echo","data":{"t":5,"_caller_worker_id":"w"}}"#;
+        assert!(echo_reply(msg, &mut out, [0, 0, 0, 0], &mut scratch));
+        let v: serde_json::Value = serde_json::from_slice(&scratch).unwrap();
+        assert_eq!(v["type"], "invocationresult");
+        assert_eq!(v["invocation_id"], "0f8a3c62-3a3e-4a57-b2b6-8d1a2a0b1f77");
+        assert_eq!(v["function_id"], "loadtest::echo");
+        assert_eq!(v["result"]["t"], 5);
+        assert!(!echo_reply(
+            br#"{"type":"workerregistered","worker_id":"x"}"#,
+            &mut out,
+            [0; 4],
+            &mut scratch
+        ));
+    }
+
+    #[test]
+    fn publish_and_window_seconds() {
+        let cfg = CallerCfg {
+            inflight: 1,
+            rate: 0.0,
+            duration_ns: NS,
+            payload: 64,
+            server_pid: None,
+            prefix: 1,
+        };
+        let function_json = "\"f\"".to_string();
+        let mut cl = Caller::new(CallKind::Echo { function_json }, cfg, 0);
+        (cl.pub_start, cl.pub_end, cl.end_ns) = (NS, 3 * NS, 4 * NS);
+        assert_eq!((cl.publish_secs(), cl.window_secs()), (2.0, 3.0));
+        // a run cut short ends publishing at its end
+        cl.end_ns = 2 * NS;
+        assert_eq!((cl.publish_secs(), cl.window_secs()), (1.0, 1.0));
+    }
 }

@@ -13,11 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::conn::{Conn, Mode, Role, ThreadStats};
+use crate::conn::{join_message, Conn, Mode, Role, ThreadStats};
 use crate::report::Report;
-use crate::sys::{self, now_ns, Rng};
-use crate::ws::{self, WsUrl};
-use crate::{HANDSHAKE_TIMEOUT, NS};
+use crate::sys::{self, now_ns, Rng, NS};
+use crate::ws::{self, WsUrl, HANDSHAKE_TIMEOUT};
 
 /// A chaos subscriber must get its sync frame within this long.
 const SYNC_TIMEOUT: u64 = 5 * NS;
@@ -281,7 +280,7 @@ impl Cx<'_> {
                 .to_string()
                 .as_bytes(),
             );
-            crate::write_all_blocking(&mut conn)?;
+            conn.write_queued_blocking()?;
             conn.sock.set_nonblocking(true).map_err(|e| e.to_string())?;
             let initial = std::mem::take(&mut conn.initial);
             conn.feed(&initial, &mut self.ts, now);
@@ -309,8 +308,8 @@ impl Cx<'_> {
         };
         let mut conn = Conn::new(sock, rest, mode, self.rng.mask(), Role::Sub);
         let group = format!("g{}", self.rng.next_u64() % self.groups as u64);
-        conn.send_text(crate::join_msg(&mut self.rng, self.stream, &group).as_bytes());
-        crate::write_all_blocking(&mut conn)?;
+        conn.send_text(join_message(&mut self.rng, self.stream, &group).as_bytes());
+        conn.write_queued_blocking()?;
         conn.sock.set_nonblocking(true).map_err(|e| e.to_string())?;
         let phase = match kind {
             Kind::Stall => Phase::Stalled {

@@ -1,4 +1,5 @@
-//! One WebSocket connection on the lean receive path, and per-thread counters.
+//! One WebSocket connection on the lean receive path, how the scenarios open one (subscriber
+//! with its join, worker), and per-thread counters.
 
 use std::io::{self, Write};
 use std::net::TcpStream;
@@ -7,7 +8,8 @@ use std::os::fd::AsRawFd;
 use hdrhistogram::Histogram;
 
 use crate::caller::Caller;
-use crate::ws::{self, FrameSink, FrameWalker};
+use crate::sys::Rng;
+use crate::ws::{self, FrameSink, FrameWalker, WsUrl, HANDSHAKE_TIMEOUT};
 
 /// Largest sampled frame copied for latency extraction; bigger ones are counted but not timed.
 const SAMPLE_CAP: usize = 4 << 20;
@@ -17,6 +19,48 @@ const FIRST_CAP: usize = 64 << 20;
 pub fn new_hist() -> Histogram<u64> {
     // 1 ns .. 100 s, 3 significant digits
     Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("histogram bounds")
+}
+
+/// The stream subscriber protocol's join message for `group` of `stream`, under a fresh
+/// subscription id.
+pub fn join_message(rng: &mut Rng, stream: &str, group: &str) -> String {
+    serde_json::json!({"type": "join", "data": {
+        "subscriptionId": rng.uuid_v4(), "streamName": stream, "groupId": group}})
+    .to_string()
+}
+
+/// Opens a subscriber socket and sends its join (blocking); the sync frame is awaited later.
+/// Delivered frames are counted, one in `sample_every` timed.
+pub fn open_subscriber(
+    url: &WsUrl,
+    rng: &mut Rng,
+    stream: &str,
+    group: &str,
+    sample_every: u32,
+) -> Result<Conn, String> {
+    let (sock, rest) =
+        ws::connect(url, rng.bytes16(), HANDSHAKE_TIMEOUT).map_err(|e| format!("{url}: {e}"))?;
+    let mut c = Conn::new(
+        sock,
+        rest,
+        Mode::Count {
+            sample_every,
+            latency: true,
+            first: Some(b"\"sync\""),
+        },
+        rng.mask(),
+        Role::Sub,
+    );
+    c.send_text(join_message(rng, stream, group).as_bytes());
+    c.write_queued_blocking()?;
+    Ok(c)
+}
+
+/// Opens a worker-protocol socket (nothing sent yet).
+pub fn open_worker(url: &WsUrl, rng: &mut Rng, mode: Mode, role: Role) -> Result<Conn, String> {
+    let (sock, rest) =
+        ws::connect(url, rng.bytes16(), HANDSHAKE_TIMEOUT).map_err(|e| format!("{url}: {e}"))?;
+    Ok(Conn::new(sock, rest, mode, rng.mask(), role))
 }
 
 /// Counters owned by one loop thread (merged at the end).
@@ -312,6 +356,24 @@ impl Conn {
         ws::encode_client_frame(&mut self.rx.out, ws::OP_TEXT, payload, mask);
     }
 
+    /// Writes all queued output with blocking writes (the socket is still blocking: right after
+    /// the upgrade) and empties the queue.
+    pub fn write_queued_blocking(&mut self) -> Result<(), String> {
+        (&self.sock)
+            .write_all(&self.rx.out)
+            .map_err(|e| e.to_string())?;
+        self.rx.out.clear();
+        Ok(())
+    }
+
+    /// Sends a close frame with `code` in one write, not queued and ignoring failure: the
+    /// caller drops the socket next.
+    pub fn write_close(&self, code: u16) {
+        let mut f = Vec::with_capacity(8);
+        ws::encode_client_frame(&mut f, ws::OP_CLOSE, &code.to_be_bytes(), self.rx.mask);
+        let _ = (&self.sock).write(&f);
+    }
+
     pub fn pending_out(&self) -> usize {
         self.rx.out.len() - self.out_pos
     }
@@ -367,5 +429,77 @@ impl Conn {
                 Err(_) => return false,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    /// A connected client `Conn` and the server end of its socket.
+    fn pair() -> (Conn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let mode = Mode::Count {
+            sample_every: 1,
+            latency: false,
+            first: None,
+        };
+        (
+            Conn::new(client, Vec::new(), mode, [1, 2, 3, 4], Role::Idle),
+            server,
+        )
+    }
+
+    /// Decodes one masked client frame: (opcode, unmasked payload).
+    fn read_client_frame(server: &mut TcpStream) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 2];
+        server.read_exact(&mut head).unwrap();
+        assert_eq!(head[1] & 0x80, 0x80, "client frames are masked");
+        let len = match head[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                server.read_exact(&mut l).unwrap();
+                u16::from_be_bytes(l) as usize
+            }
+            n => n as usize,
+        };
+        let mut mask = [0u8; 4];
+        server.read_exact(&mut mask).unwrap();
+        let mut payload = vec![0u8; len];
+        server.read_exact(&mut payload).unwrap();
+        ws::apply_mask(&mut payload, mask);
+        (head[0] & 0x0f, payload)
+    }
+
+    #[test]
+    fn join_message_names_stream_and_group() {
+        let mut rng = Rng::seeded();
+        let v: serde_json::Value =
+            serde_json::from_str(&join_message(&mut rng, "s\"1", "g7")).unwrap();
+        assert_eq!(v["type"], "join");
+        assert_eq!(v["data"]["streamName"], "s\"1");
+        assert_eq!(v["data"]["groupId"], "g7");
+        assert_eq!(v["data"]["subscriptionId"].as_str().unwrap().len(), 36);
+    }
+
+    #[test]
+    fn queued_text_and_close_reach_the_peer() {
+        let (mut c, mut server) = pair();
+        c.send_text(b"hello");
+        c.write_queued_blocking().unwrap();
+        assert!(c.rx.out.is_empty());
+        assert_eq!(
+            read_client_frame(&mut server),
+            (ws::OP_TEXT, b"hello".to_vec())
+        );
+        c.write_close(1000);
+        assert_eq!(
+            read_client_frame(&mut server),
+            (ws::OP_CLOSE, 1000u16.to_be_bytes().to_vec())
+        );
     }
 }

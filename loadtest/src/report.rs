@@ -5,6 +5,8 @@ use std::io::IsTerminal;
 use hdrhistogram::Histogram;
 use serde_json::{Map, Value};
 
+use crate::sys::ProcSnap;
+
 pub struct Report {
     mode: &'static str,
     rows: Vec<(String, Value, String)>,
@@ -84,6 +86,42 @@ impl Report {
         }
         self.num(&format!("{prefix}_max_us"), us(h.max()), 1, "µs");
         self.num(&format!("{prefix}_mean_us"), h.mean() / 1000.0, 1, "µs");
+    }
+
+    /// A "CPU nanoseconds per unit of work" row, when any work was done.
+    pub fn per_unit_cpu(&mut self, key: &str, cpu_s: f64, units: u64, unit: &str) {
+        if units > 0 {
+            self.num(key, cpu_s * 1e9 / units as f64, 0, unit);
+        }
+    }
+
+    /// The engine's RSS at both ends of the run and its CPU over `secs` (and per `per.1` when
+    /// `per.0` of them were done), when both snapshots were read.
+    pub fn server_rows(
+        &mut self,
+        start: Option<ProcSnap>,
+        end: Option<ProcSnap>,
+        secs: f64,
+        per: Option<(u64, &str)>,
+    ) {
+        let (Some(a), Some(b)) = (start, end) else {
+            return;
+        };
+        self.num("server_rss_start_mb", a.rss_kb as f64 / 1024.0, 1, "MiB");
+        self.num("server_rss_end_mb", b.rss_kb as f64 / 1024.0, 1, "MiB");
+        let cpu = b.cpu_secs - a.cpu_secs;
+        self.num("server_cpu_s", cpu, 2, "s");
+        self.rate("server_cpu_cores", cpu, secs, 2, "cores");
+        if let Some((n, what)) = per {
+            if n > 0 {
+                self.num(
+                    &format!("server_cpu_ns_per_{what}"),
+                    cpu * 1e9 / n as f64,
+                    0,
+                    "ns",
+                );
+            }
+        }
     }
 
     pub fn print(&self, json: bool) {
@@ -223,4 +261,54 @@ fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(r: &Report) -> Vec<(&str, &str)> {
+        r.rows
+            .iter()
+            .map(|(k, _, h)| (k.as_str(), h.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn per_unit_cpu_only_when_work_was_done() {
+        let mut r = Report::new("t");
+        r.per_unit_cpu("cpu_ns_per_call", 1.5, 0, "ns");
+        assert!(r.rows.is_empty());
+        r.per_unit_cpu("cpu_ns_per_call", 1.5, 3, "ns");
+        assert_eq!(keys(&r), [("cpu_ns_per_call", "500000000 ns")]);
+    }
+
+    #[test]
+    fn server_rows_need_both_snapshots() {
+        let a = ProcSnap {
+            rss_kb: 2048,
+            cpu_secs: 1.0,
+        };
+        let b = ProcSnap {
+            rss_kb: 4096,
+            cpu_secs: 3.0,
+        };
+        let mut r = Report::new("t");
+        r.server_rows(Some(a), None, 2.0, Some((4, "call")));
+        assert!(r.rows.is_empty());
+        r.server_rows(Some(a), Some(b), 4.0, Some((4, "call")));
+        assert_eq!(
+            keys(&r),
+            [
+                ("server_rss_start_mb", "2.0 MiB"),
+                ("server_rss_end_mb", "4.0 MiB"),
+                ("server_cpu_s", "2.00 s"),
+                ("server_cpu_cores", "0.50 cores"),
+                ("server_cpu_ns_per_call", "500000000 ns"),
+            ]
+        );
+        let mut r = Report::new("t");
+        r.server_rows(Some(a), Some(b), 4.0, None);
+        assert_eq!(r.rows.len(), 4);
+    }
 }

@@ -1,11 +1,14 @@
-//! The per-thread epoll loop over a set of connections.
+//! The per-thread epoll loop over a set of connections, running it on several threads with a
+//! progress line, and collecting what the threads hand back.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
+use std::time::Duration;
 
-use crate::caller;
+use crate::caller::{self, Caller, Phase};
 use crate::conn::{Conn, Role, ThreadStats};
-use crate::sys::{self, Epoll, EV_ERR, EV_ET, EV_IN, EV_OUT};
+use crate::report::Progress;
+use crate::sys::{self, now_ns, Epoll, EV_ERR, EV_ET, EV_IN, EV_OUT, NS};
 
 #[derive(Default)]
 pub struct Shared {
@@ -143,6 +146,137 @@ pub fn run_loop(mut conns: Vec<Conn>, shared: &Shared, cfg: LoopCfg) -> LoopOut 
     }
 }
 
+/// Runs the loops on `buckets.len()` threads while the calling thread prints progress once a
+/// second, labelled `[mode]` ("fanout" adds deliveries). The first loop to stop (its caller done
+/// or `deadline` passed) stops the others.
+pub fn run_threads(
+    buckets: Vec<Vec<Conn>>,
+    shared: &Shared,
+    deadline: u64,
+    mode: &str,
+) -> Vec<LoopOut> {
+    let mut prog = Progress::new();
+    let t0 = now_ns();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = buckets
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                std::thread::Builder::new()
+                    .name(format!("loop-{i}"))
+                    .spawn_scoped(s, move || {
+                        let out = run_loop(
+                            b,
+                            shared,
+                            LoopCfg {
+                                stop_when_synced: None,
+                                deadline_ns: Some(deadline),
+                            },
+                        );
+                        // whoever stops first (deadline) stops everyone
+                        shared.stop.store(true, Relaxed);
+                        out
+                    })
+                    .expect("spawn")
+            })
+            .collect();
+        let mut last_tick = now_ns();
+        let mut last = Tick::default();
+        while !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = now_ns();
+            if now - last_tick >= NS {
+                let tick = Tick::read(shared);
+                prog.line(&progress_line(
+                    mode,
+                    (now - t0) as f64 / 1e9,
+                    &tick,
+                    &last,
+                    (now - last_tick) as f64 / 1e9,
+                ));
+                last_tick = now;
+                last = tick;
+            }
+        }
+        prog.done();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("loop thread panicked"))
+            .collect()
+    })
+}
+
+/// The shared counters as one progress tick reads them.
+#[derive(Default)]
+struct Tick {
+    phase: u8,
+    synced: u64,
+    acked: u64,
+    delivered: u64,
+    inflight: u64,
+    errors: u64,
+}
+
+impl Tick {
+    fn read(shared: &Shared) -> Tick {
+        Tick {
+            acked: shared.acked.load(Relaxed),
+            delivered: shared.delivered.load(Relaxed),
+            phase: shared.phase.load(Relaxed),
+            synced: shared.synced.load(Relaxed),
+            inflight: shared.inflight.load(Relaxed),
+            errors: shared.errors.load(Relaxed),
+        }
+    }
+}
+
+/// One progress line: `elapsed_s` into the run, rates against the tick `dt_s` seconds before.
+fn progress_line(mode: &str, elapsed_s: f64, now: &Tick, last: &Tick, dt_s: f64) -> String {
+    let fanout = mode == "fanout";
+    let mut line = format!("[{mode}] {elapsed_s:>6.1}s {:<9} ", Phase::name(now.phase));
+    if fanout && now.phase == Phase::WaitSync as u8 {
+        line.push_str(&format!("synced {}", now.synced));
+        return line;
+    }
+    line.push_str(&format!(
+        "acked {} ({:.0}/s)  ",
+        now.acked,
+        (now.acked - last.acked) as f64 / dt_s
+    ));
+    if fanout {
+        line.push_str(&format!(
+            "delivered {} ({:.0}/s)  ",
+            now.delivered,
+            (now.delivered - last.delivered) as f64 / dt_s
+        ));
+    }
+    line.push_str(&format!("inflight {}  errors {}", now.inflight, now.errors));
+    line
+}
+
+/// Takes the caller (publisher) out of the connections the loops handed back.
+pub fn take_caller(outs: &mut [LoopOut]) -> Option<Box<Caller>> {
+    for c in outs.iter_mut().flat_map(|o| o.conns.iter_mut()) {
+        if let Role::Caller(_) = c.role {
+            if let Role::Caller(cl) = std::mem::replace(&mut c.role, Role::Idle) {
+                return Some(cl);
+            }
+        }
+    }
+    None
+}
+
+/// All threads' counters merged, and the number of frames the server masked.
+pub fn merged_stats(outs: &[LoopOut]) -> (ThreadStats, u64) {
+    let mut st = ThreadStats::new();
+    let mut masked = 0;
+    for o in outs {
+        st.merge(&o.stats);
+        masked += o.masked_frames;
+    }
+    (st, masked)
+}
+
 fn handle_messages(c: &mut Conn, scratch: &mut Vec<u8>, shared: &Shared) {
     if c.rx.bounds.is_empty() {
         return;
@@ -169,5 +303,58 @@ fn handle_messages(c: &mut Conn, scratch: &mut Vec<u8>, shared: &Shared) {
     // keep a partially received message (it starts after the last complete one)
     if c.walker.at_boundary() && c.rx.cur_fin {
         c.rx.inbox.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_line_per_mode_and_phase() {
+        let last = Tick {
+            acked: 100,
+            delivered: 1000,
+            ..Tick::default()
+        };
+        let mut now = Tick {
+            phase: Phase::WaitSync as u8,
+            synced: 7,
+            acked: 300,
+            delivered: 5000,
+            inflight: 3,
+            errors: 1,
+        };
+        assert_eq!(
+            progress_line("fanout", 1.04, &now, &last, 2.0),
+            "[fanout]    1.0s wait-sync synced 7"
+        );
+        now.phase = Phase::Publish as u8;
+        assert_eq!(
+            progress_line("fanout", 12.34, &now, &last, 2.0),
+            "[fanout]   12.3s publish   acked 300 (100/s)  delivered 5000 (2000/s)  inflight 3  errors 1"
+        );
+        now.phase = Phase::Probe as u8;
+        assert_eq!(
+            progress_line("rpc", 1.0, &now, &last, 2.0),
+            "[rpc]    1.0s probe     acked 300 (100/s)  inflight 3  errors 1"
+        );
+    }
+
+    #[test]
+    fn merged_stats_add_up_threads() {
+        let out = |delivered, masked_frames| {
+            let mut stats = ThreadStats::new();
+            stats.delivered = delivered;
+            LoopOut {
+                stats,
+                conns: Vec::new(),
+                masked_frames,
+            }
+        };
+        let mut outs = vec![out(3, 1), out(4, 0)];
+        let (st, masked) = merged_stats(&outs);
+        assert_eq!((st.delivered, masked), (7, 1));
+        assert!(take_caller(&mut outs).is_none());
     }
 }

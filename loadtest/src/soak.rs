@@ -10,11 +10,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::chaos::{self, ChaosArgs};
-use crate::conn::{new_hist, Conn, Mode, Role, ThreadStats};
+use crate::conn::{join_message, new_hist, open_worker, Conn, Mode, Role, ThreadStats};
 use crate::report::{self, count_error, Progress, Report};
-use crate::sys::{self, now_ns, Epoll, Rng, EV_ERR, EV_ET, EV_IN, EV_OUT};
-use crate::ws::{self, WsUrl};
-use crate::{Common, HANDSHAKE_TIMEOUT, NS};
+use crate::sys::{self, now_ns, Epoll, Rng, EV_ERR, EV_ET, EV_IN, EV_OUT, NS};
+use crate::ws::{self, WsUrl, HANDSHAKE_TIMEOUT};
+use crate::Common;
 
 /// A subscriber must get its sync frame within this long after its join.
 const SYNC_TIMEOUT: u64 = 5 * NS;
@@ -474,9 +474,7 @@ impl Totals {
             }
         }
         if !self.abrupt {
-            let mut f = Vec::with_capacity(8);
-            ws::encode_client_frame(&mut f, ws::OP_CLOSE, &1000u16.to_be_bytes(), s.conn.rx.mask);
-            let _ = (&s.conn.sock).write(&f);
+            s.conn.write_close(1000);
         }
     }
 }
@@ -495,14 +493,14 @@ struct Ctx<'a> {
 
 fn open_sub(cx: &mut Ctx, acked_max: &[i64], ep: &Epoll, token: u64) -> Result<Sub, String> {
     let (sock, rest) = ws::connect(cx.url, cx.rng.bytes16(), HANDSHAKE_TIMEOUT)
-        .map_err(|e| format!("{}: {e}", crate::ws_name(cx.url)))?;
+        .map_err(|e| format!("{}: {e}", cx.url))?;
     let group = (cx.rng.next_u64() % cx.a.groups as u64) as usize;
     let gname = format!("g{group}");
     let mut conn = Conn::new(sock, rest, Mode::Full, cx.rng.mask(), Role::Sub);
-    conn.send_text(crate::join_msg(&mut cx.rng, &cx.a.stream, &gname).as_bytes());
+    conn.send_text(join_message(&mut cx.rng, &cx.a.stream, &gname).as_bytes());
     // the floor is read before the join leaves: anything acknowledged by now is in the snapshot
     let floor = acked_max[group];
-    crate::write_all_blocking(&mut conn)?;
+    conn.write_queued_blocking()?;
     conn.sock.set_nonblocking(true).map_err(|e| e.to_string())?;
     ep.add(conn.fd(), token, EV_IN | EV_OUT | EV_ET | EV_ERR)
         .map_err(|e| e.to_string())?;
@@ -586,9 +584,9 @@ fn sub_messages(s: &mut Sub, items: u32, publishing: bool, rng: &mut Rng, a: &So
 // ---------------------------------------------------------------------------------------------
 // the run
 
-pub fn soak(c: &Common, mut a: SoakArgs) -> Result<(Report, bool), String> {
-    let (wurl, surl) = crate::urls(c, true, true)?;
-    let (wurl, surl) = (wurl.unwrap(), surl.unwrap());
+pub fn run(c: &Common, mut a: SoakArgs) -> Result<(Report, bool), String> {
+    let wurl = c.parsed_worker_url()?;
+    let surl = c.parsed_stream_url()?;
     if a.subs == 0 || a.groups == 0 || a.items == 0 {
         return Err("--subscribers, --groups and --items must be ≥ 1".into());
     }
@@ -616,7 +614,7 @@ pub fn soak(c: &Common, mut a: SoakArgs) -> Result<(Report, bool), String> {
         }
         (None, _) => None,
     };
-    crate::check_fds(a.subs + 8 + chaos_args.as_ref().map_or(0, |ch| ch.clients))?;
+    sys::check_fd_limit(a.subs + 8 + chaos_args.as_ref().map_or(0, |ch| ch.clients))?;
     let mut rng = Rng::seeded();
     let groups = a.groups as usize;
     let mut ep = Epoll::new(1024).map_err(|e| e.to_string())?;
@@ -624,7 +622,7 @@ pub fn soak(c: &Common, mut a: SoakArgs) -> Result<(Report, bool), String> {
     let mut rbuf = vec![0u8; 256 * 1024];
     let mut prog = Progress::new();
 
-    let pconn = crate::open_worker(&wurl, &mut rng, Mode::Full, Role::Idle)?;
+    let pconn = open_worker(&wurl, &mut rng, Mode::Full, Role::Idle)?;
     pconn
         .sock
         .set_nonblocking(true)
@@ -656,7 +654,7 @@ pub fn soak(c: &Common, mut a: SoakArgs) -> Result<(Report, bool), String> {
     // the harness's long-lived connections (publisher, caller), as the end count does
     let chaos_caller = match &chaos_args {
         Some(_) => {
-            let caller = crate::open_worker(&wurl, &mut rng, Mode::Full, Role::Idle)?;
+            let caller = open_worker(&wurl, &mut rng, Mode::Full, Role::Idle)?;
             caller.sock.set_nonblocking(true).map_err(|e| e.to_string())?;
             Some(caller)
         }
@@ -952,7 +950,7 @@ pub fn soak(c: &Common, mut a: SoakArgs) -> Result<(Report, bool), String> {
     r.int("bad_frames", v.bad_frames);
     r.int("dropped_by_server", v.dropped);
     r.num("harness_cpu_s", cpu1 - cpu0, 2, "s");
-    crate::server_rows(&mut r, proc0, proc1, window, None);
+    r.server_rows(proc0, proc1, window, None);
     if let Some(e) = &p.first_error {
         r.add("first_set_error", e.clone(), e.clone());
     }

@@ -8,6 +8,9 @@ use std::time::Instant;
 // ---------------------------------------------------------------------------------------------
 // clock
 
+/// Nanoseconds per second: the harness clock's unit.
+pub const NS: u64 = 1_000_000_000;
+
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 
 pub fn init_clock() {
@@ -286,6 +289,19 @@ pub fn raise_nofile() -> u64 {
     cur
 }
 
+/// Checks (after raising the soft limit to the hard one) that this process may open about
+/// `need` file descriptors plus a margin of 64 for its own files.
+pub fn check_fd_limit(need: usize) -> Result<(), String> {
+    let lim = raise_nofile();
+    if (need as u64) + 64 > lim {
+        return Err(format!(
+            "need about {} file descriptors but RLIMIT_NOFILE is {lim} (raise it with ulimit -n)",
+            need + 64
+        ));
+    }
+    Ok(())
+}
+
 /// User + system CPU seconds used by this process so far (all threads).
 pub fn self_cpu_secs() -> f64 {
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -357,6 +373,15 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fd_limit_check_names_the_need_and_the_limit() {
+        assert_eq!(check_fd_limit(0), Ok(()));
+        let lim = raise_nofile();
+        let err = check_fd_limit(lim as usize).unwrap_err();
+        assert!(err.contains(&format!("need about {} file descriptors", lim + 64)), "{err}");
+        assert!(err.contains(&format!("RLIMIT_NOFILE is {lim}")), "{err}");
+    }
 
     #[test]
     fn received_data_carries_the_kernel_receive_time() {

@@ -1,6 +1,7 @@
 //! Minimal WebSocket client pieces: URL parsing, the HTTP upgrade, frame encoding and an
 //! incremental frame-header walker that counts frames without parsing their JSON.
 
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -12,6 +13,9 @@ pub const OP_BINARY: u8 = 2;
 pub const OP_CLOSE: u8 = 8;
 pub const OP_PING: u8 = 9;
 pub const OP_PONG: u8 = 10;
+
+/// How long one connect + HTTP upgrade may take before it fails.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // URL
@@ -62,6 +66,13 @@ impl WsUrl {
             path,
             addr,
         })
+    }
+}
+
+/// The URL as error texts name it: `ws://host:port/path`.
+impl fmt::Display for WsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ws://{}:{}{}", self.host, self.port, self.path)
     }
 }
 
@@ -390,6 +401,14 @@ pub fn extract_t(text: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_displays_with_port_and_path() {
+        let u = WsUrl::parse("ws://127.0.0.1:3112", false).unwrap();
+        assert_eq!(u.to_string(), "ws://127.0.0.1:3112/");
+        let u = WsUrl::parse("ws://localhost/x/y", false).unwrap();
+        assert_eq!(u.to_string(), "ws://localhost:80/x/y");
+    }
 
     #[derive(Default)]
     struct Rec {
