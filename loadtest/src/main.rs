@@ -80,13 +80,16 @@ enum Cmd {
     /// is taken at the subscriber socket: the kernel's receive timestamp of the frame minus
     /// the time its set was sent, so the harness's own delay in reading is not counted
     Fanout {
+        /// subscriber connections, spread over the groups in turn
         #[arg(long, default_value_t = 100)]
         subscribers: usize,
+        /// groups g0 .. g<G-1> of the stream
         #[arg(long, default_value_t = 1)]
         groups: u32,
         /// sets per second, 0 = as fast as the in-flight window allows
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
+        /// sets sent and not yet acknowledged, at most
         #[arg(long, default_value_t = 64)]
         inflight: u64,
         /// approximate size of each set's data object in bytes
@@ -95,6 +98,7 @@ enum Cmd {
         /// time one delivered frame in this many
         #[arg(long, default_value_t = 16)]
         sample_every: u32,
+        /// stream name
         #[arg(long, default_value = "loadtest")]
         stream: String,
         /// distinct item ids per group (bounds the size of the sync snapshot)
@@ -106,25 +110,31 @@ enum Cmd {
     },
     /// Worker RPC: worker B registers an echo function, worker A calls it with N in flight
     Rpc {
+        /// calls sent and not yet answered, at most
         #[arg(long, default_value_t = 16)]
         inflight: u64,
+        /// approximate size of each call's data object in bytes
         #[arg(long, default_value_t = 64)]
         payload: usize,
         /// calls per second, 0 = as fast as the in-flight window allows
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
+        /// id the echo function is registered and called under
         #[arg(long, default_value = "loadtest::echo")]
         function: String,
     },
     /// Open S idle connections, report connections/s and server RSS per connection, close them
     Connect {
+        /// connections to open (one after another)
         #[arg(long, default_value_t = 1000)]
         subscribers: usize,
         /// stream: subscriber sockets that join a group; worker: worker-protocol sockets
         #[arg(long, value_enum, default_value_t = Target::Stream)]
         target: Target,
+        /// groups the stream subscribers join in turn (g0 .. g<G-1>)
         #[arg(long, default_value_t = 1)]
         groups: u32,
+        /// stream name the subscribers join
         #[arg(long, default_value = "loadtest")]
         stream: String,
         /// seconds to hold the connections open before measuring RSS and closing
@@ -137,6 +147,7 @@ enum Cmd {
         /// concurrent subscribers (each one leaves after a random lifetime and is replaced)
         #[arg(long, default_value_t = 200)]
         subscribers: usize,
+        /// groups g0 .. g<G-1> of the stream, each with its own sequence
         #[arg(long, default_value_t = 8)]
         groups: u32,
         /// sets per second over all groups, 0 = as fast as one set in flight per group allows
@@ -162,8 +173,10 @@ enum Cmd {
     },
     /// This machine's delivery ceiling: an in-process bare writer feeding S loopback sockets
     Limit {
+        /// loopback receiver sockets
         #[arg(long, default_value_t = 100)]
         subscribers: usize,
+        /// approximate size of each frame's data object in bytes
         #[arg(long, default_value_t = 256)]
         payload: usize,
     },
