@@ -207,3 +207,58 @@ impl Engine {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::control::test_support::{engine, on_executor, settle, FakeWorker};
+    use serde_json::json;
+
+    const CALL_ID: &str = "0b7f3c1e-8a5d-4e2f-9c61-7d2e4b9a1f03";
+
+    #[test]
+    fn the_engine_ids_are_refused_to_workers() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut worker = FakeWorker::connect(&engine);
+            worker.register_function(&engine, "engine::functions::list");
+            let refused = worker.next("registrationrejected");
+            assert_eq!((&refused["code"], &refused["function_id"], &refused["owner_worker_id"]), (&json!("FUNCTION_NAMESPACE_CONFLICT"), &json!("engine::functions::list"), &json!("")));
+            // The builtin still answers.
+            worker.send(&engine, json!({ "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "engine::functions::list" }));
+            assert!(worker.next("invocationresult")["result"]["functions"].is_array());
+
+            worker.send(&engine, json!({ "type": "registertriggertype", "id": "engine::workers-available", "description": "mine" }));
+            assert_eq!(worker.next("registrationrejected")["function_id"], "engine::workers-available");
+
+            // New `engine::` ids are open to workers in the default namespace only.
+            worker.register_function(&engine, "engine::queue::enqueue");
+            assert!(worker.drain().is_empty());
+            let mut elsewhere = FakeWorker::connect(&engine);
+            elsewhere.send(&engine, json!({
+                "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "engine::workers::register",
+                "data": { "namespace": "billing" },
+            }));
+            assert_eq!(elsewhere.next("invocationresult")["result"], json!({ "success": true }));
+            elsewhere.register_function(&engine, "engine::custom");
+            let refused = elsewhere.next("registrationrejected");
+            assert_eq!((&refused["namespace"], &refused["function_id"]), (&json!("billing"), &json!("engine::custom")));
+            settle().await;
+        });
+    }
+
+    #[test]
+    fn a_function_of_another_worker_is_not_replaced() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut first = FakeWorker::connect(&engine);
+            let mut second = FakeWorker::connect(&engine);
+            first.register_function(&engine, "math::add");
+            second.register_function(&engine, "math::add");
+            let refused = second.next("registrationrejected");
+            assert_eq!(refused["owner_worker_id"], first.worker_id.as_str());
+            assert_eq!(engine.borrow().functions.owner("default", "math::add"), Some(first.conn));
+            assert!(first.drain().is_empty());
+            settle().await;
+        });
+    }
+}

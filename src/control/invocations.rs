@@ -518,6 +518,80 @@ fn decode_outcome(result: Option<Box<RawValue>>, error: Option<Box<RawValue>>, m
 #[cfg(test)]
 mod tests {
     use super::rewrite_baggage;
+    use crate::control::test_support::{engine, on_executor, settle, FakeWorker};
+    use serde_json::json;
+
+    const CALL_ID: &str = "6f1c7a52-3b1e-4c53-9d3a-2a0f3e0b9d11";
+
+    #[test]
+    fn a_call_goes_to_the_owner_and_its_result_back_to_the_caller() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut owner = FakeWorker::connect(&engine);
+            let mut caller = FakeWorker::connect(&engine);
+            owner.register_function(&engine, "math::add");
+            caller.send(&engine, json!({ "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "math::add", "data": { "a": 1 } }));
+            let call = owner.next("invokefunction");
+            assert_eq!(call["invocation_id"], CALL_ID, "a sync call keeps the caller's id on the hop");
+            assert_eq!(call["data"], json!({ "a": 1, "_caller_worker_id": caller.worker_id }));
+            assert!(caller.drain().is_empty(), "nothing for the caller before the result");
+            owner.answer(&engine, &call, json!(3));
+            let result = caller.next("invocationresult");
+            assert_eq!((&result["invocation_id"], &result["function_id"], &result["result"]), (&json!(CALL_ID), &json!("math::add"), &json!(3)));
+            // A second result for the same id is dropped: the call is answered once.
+            owner.answer(&engine, &call, json!(4));
+            assert!(caller.drain().is_empty());
+            settle().await;
+        });
+    }
+
+    #[test]
+    fn an_unknown_function_is_answered_function_not_found() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut caller = FakeWorker::connect(&engine);
+            caller.send(&engine, json!({ "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "nobody::home" }));
+            let result = caller.next("invocationresult");
+            assert_eq!(result["invocation_id"], CALL_ID);
+            assert_eq!(result["error"]["code"], "function_not_found");
+        });
+    }
+
+    #[test]
+    fn an_owner_that_disconnects_stops_its_invocations() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut owner = FakeWorker::connect(&engine);
+            let mut caller = FakeWorker::connect(&engine);
+            owner.register_function(&engine, "slow::job");
+            caller.send(&engine, json!({ "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "slow::job" }));
+            owner.next("invokefunction");
+            engine.borrow_mut().disconnect(owner.conn);
+            let result = caller.next("invocationresult");
+            assert_eq!(result["error"]["code"], "invocation_stopped");
+            // The function left with its worker.
+            caller.send(&engine, json!({ "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "slow::job" }));
+            assert_eq!(caller.next("invocationresult")["error"]["code"], "function_not_found");
+            settle().await;
+        });
+    }
+
+    #[test]
+    fn a_caller_that_disconnects_gets_nothing_and_the_owner_result_is_dropped() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut owner = FakeWorker::connect(&engine);
+            let caller = FakeWorker::connect(&engine);
+            owner.register_function(&engine, "math::add");
+            caller.send(&engine, json!({ "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "math::add" }));
+            let call = owner.next("invokefunction");
+            engine.borrow_mut().disconnect(caller.conn);
+            owner.answer(&engine, &call, json!(3));
+            assert!(owner.drain().is_empty());
+            assert_eq!(engine.borrow().invocations.len(), 0);
+            settle().await;
+        });
+    }
 
     #[test]
     fn baggage_function_id_is_rewritten_to_the_target() {

@@ -20,6 +20,9 @@ pub(crate) mod triggers;
 pub mod wire;
 pub(crate) mod workers;
 
+#[cfg(test)]
+pub(crate) mod test_support;
+
 
 use engine::Engine;
 use glommio::net::TcpListener;

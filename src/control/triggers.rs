@@ -445,3 +445,93 @@ impl Engine {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::control::test_support::{engine, on_executor, settle, FakeWorker};
+    use serde_json::json;
+
+    fn live(engine: &std::rc::Rc<std::cell::RefCell<crate::control::engine::Engine>>, trigger_type: &str) -> Vec<String> {
+        engine.borrow().live_bindings(trigger_type).into_iter().map(|b| b.id).collect()
+    }
+
+    #[test]
+    fn a_binding_without_provider_is_parked_and_replayed_to_each_provider_that_registers() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut owner = FakeWorker::connect(&engine);
+            let binding = json!({ "type": "registertrigger", "id": "t1", "trigger_type": "cron", "function_id": "jobs::tick", "config": { "every": "1m" } });
+            owner.send(&engine, binding);
+            assert!(live(&engine, "cron").is_empty(), "parked: no provider yet");
+            assert!(owner.drain().is_empty(), "parking is not an error");
+
+            let mut provider = FakeWorker::connect(&engine);
+            provider.send(&engine, json!({ "type": "registertriggertype", "id": "cron", "description": "cron" }));
+            let delivered = provider.next("registertrigger");
+            assert_eq!((&delivered["id"], &delivered["function_id"], &delivered["config"]), (&json!("t1"), &json!("jobs::tick"), &json!({ "every": "1m" })));
+            assert_eq!(live(&engine, "cron"), ["t1"]);
+
+            engine.borrow_mut().disconnect(provider.conn);
+            assert!(live(&engine, "cron").is_empty(), "parked again when its provider leaves");
+
+            let mut replacement = FakeWorker::connect(&engine);
+            replacement.send(&engine, json!({ "type": "registertriggertype", "id": "cron", "description": "cron" }));
+            assert_eq!(replacement.next("registertrigger")["id"], "t1", "replayed to the next provider");
+
+            owner.send(&engine, json!({ "type": "unregistertrigger", "id": "t1" }));
+            assert_eq!(replacement.next("unregistertrigger")["id"], "t1");
+            assert!(live(&engine, "cron").is_empty());
+            settle().await;
+        });
+    }
+
+    #[test]
+    fn a_provider_rejection_parks_the_binding_and_tells_its_owner() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut provider = FakeWorker::connect(&engine);
+            provider.send(&engine, json!({ "type": "registertriggertype", "id": "cron", "description": "cron" }));
+            let mut owner = FakeWorker::connect(&engine);
+            owner.send(&engine, json!({ "type": "registertrigger", "id": "t1", "trigger_type": "cron", "function_id": "jobs::tick" }));
+            provider.next("registertrigger");
+            provider.send(&engine, json!({
+                "type": "triggerregistrationresult", "id": "t1", "trigger_type": "cron", "function_id": "jobs::tick",
+                "error": { "code": "bad_config", "message": "no schedule" },
+            }));
+            assert_eq!(owner.next("triggerregistrationresult")["error"]["code"], "bad_config");
+            assert!(live(&engine, "cron").is_empty());
+        });
+    }
+
+    #[test]
+    fn an_engine_trigger_reaches_its_function_once_the_function_is_registered() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut owner = FakeWorker::connect(&engine);
+            owner.send(&engine, json!({ "type": "registertrigger", "id": "w", "trigger_type": "engine::workers-available", "function_id": "watch::workers" }));
+            assert_eq!(live(&engine, "engine::workers-available"), ["w"], "engine trigger types are always provided");
+            // Fired before its function exists: the call finds no function, and nobody hears of it.
+            let early = FakeWorker::connect(&engine);
+            assert!(owner.drain().is_empty());
+            owner.register_function(&engine, "watch::workers");
+            let late = FakeWorker::connect(&engine);
+            let call = owner.next("invokefunction");
+            assert_eq!(call["function_id"], "watch::workers");
+            assert_eq!(call["data"], json!({ "event": "worker_connected", "worker_id": late.worker_id }));
+            assert_ne!(early.worker_id, late.worker_id);
+            settle().await;
+        });
+    }
+
+    #[test]
+    fn a_stream_binding_without_stream_name_is_refused() {
+        on_executor(|| async {
+            let engine = engine();
+            engine.borrow_mut().register_engine_trigger_type("stream", "stream changes");
+            let mut owner = FakeWorker::connect(&engine);
+            owner.send(&engine, json!({ "type": "registertrigger", "id": "s", "trigger_type": "stream", "function_id": "h::f", "config": {} }));
+            assert_eq!(owner.next("triggerregistrationresult")["error"]["code"], "trigger_registration_failed");
+            assert!(live(&engine, "stream").is_empty());
+        });
+    }
+}
