@@ -449,3 +449,96 @@ async fn call_within(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::test_support::{engine, on_executor, settle, FakeWorker};
+    use futures_util::StreamExt;
+
+    const CALL_ID: &str = "3c9e5a77-1d2b-4f8e-a6c4-5b0d9e2f7a18";
+
+    /// An engine with the stream functions installed over one fake shard, whose inbox the test
+    /// reads.
+    fn stream_engine() -> (Rc<RefCell<Engine>>, futures_channel::mpsc::UnboundedReceiver<ShardMsg>) {
+        let engine = engine();
+        let (shard, inbox) = futures_channel::mpsc::unbounded();
+        install(&mut engine.borrow_mut(), StreamService { shards: vec![shard] });
+        (engine, inbox)
+    }
+
+    /// Runs `stream::set` on `stream` from `caller`, and answers it from the fake shard with
+    /// a `create` event.
+    async fn set_item(engine: &Rc<RefCell<Engine>>, inbox: &mut futures_channel::mpsc::UnboundedReceiver<ShardMsg>, caller: &FakeWorker, stream: &str) {
+        caller.send(engine, json!({
+            "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "stream::set",
+            "data": { "stream_name": stream, "group_id": "g", "item_id": "i1", "data": { "n": 1 } },
+        }));
+        let Some(ShardMsg::Store { key, reply, .. }) = inbox.next().await else { panic!("the set goes to the owner shard") };
+        assert_eq!(key, (stream.to_string(), "g".to_string()));
+        let event = format!(r#"{{"streamName":"{stream}","groupId":"g","id":"i1","event":{{"type":"create","data":{{"n":1}}}}}}"#);
+        let _ = reply.send(StoreReply { result: Ok(Some(json!({ "n": 1 }))), event: Some(ringcast_shards::wsframe::text_frame(event.as_bytes())) });
+        settle().await;
+    }
+
+    #[test]
+    fn a_stream_trigger_fires_only_for_its_stream() {
+        on_executor(|| async {
+            let (engine, mut inbox) = stream_engine();
+            let mut handler = FakeWorker::connect(&engine);
+            handler.register_function(&engine, "on::orders");
+            handler.send(&engine, json!({ "type": "registertrigger", "id": "t", "trigger_type": "stream", "function_id": "on::orders", "config": { "stream_name": "orders" } }));
+            let mut caller = FakeWorker::connect(&engine);
+
+            set_item(&engine, &mut inbox, &caller, "invoices").await;
+            assert_eq!(caller.next("invocationresult")["result"], json!({ "n": 1 }));
+            assert!(handler.drain().is_empty(), "another stream's event does not fire it");
+
+            set_item(&engine, &mut inbox, &caller, "orders").await;
+            assert_eq!(caller.next("invocationresult")["result"], json!({ "n": 1 }));
+            let fired = handler.next("invokefunction");
+            assert_eq!(fired["function_id"], "on::orders");
+            assert_eq!(fired["data"]["streamName"], "orders");
+            assert_eq!(fired["data"]["event"]["type"], "create");
+            handler.answer(&engine, &fired, Value::Null);
+            settle().await;
+        });
+    }
+
+    #[test]
+    fn a_stream_join_trigger_can_refuse_a_join() {
+        on_executor(|| async {
+            let (engine, _inbox) = stream_engine();
+            let (requests_tx, requests) = futures_channel::mpsc::unbounded();
+            glommio::spawn_local(serve_shard_requests(engine.clone(), requests)).detach();
+            let mut gate = FakeWorker::connect(&engine);
+            gate.register_function(&engine, "auth::join");
+            gate.send(&engine, json!({ "type": "registertrigger", "id": "j", "trigger_type": "stream:join", "function_id": "auth::join" }));
+
+            for (answer, authorized) in [(json!({ "unauthorized": true }), false), (json!({ "unauthorized": false }), true)] {
+                let (reply, verdict) = oneshot::channel();
+                let payload = json!({ "stream_name": "orders", "group_id": "g" });
+                let _ = requests_tx.unbounded_send(ControlRequest::Join { payload: payload.clone(), limit: std::time::Duration::from_secs(5), reply });
+                settle().await;
+                let call = gate.next("invokefunction");
+                assert_eq!((&call["function_id"], &call["data"]), (&json!("auth::join"), &payload));
+                gate.answer(&engine, &call, answer);
+                assert_eq!(verdict.await, Ok(authorized));
+            }
+        });
+    }
+
+    #[test]
+    fn the_stream_ids_are_reserved_once_installed() {
+        on_executor(|| async {
+            let (engine, _inbox) = stream_engine();
+            let mut worker = FakeWorker::connect(&engine);
+            worker.register_function(&engine, "stream::set");
+            assert_eq!(worker.next("registrationrejected")["function_id"], "stream::set");
+            // A custom stream function is not a builtin id: it stays open to workers.
+            worker.register_function(&engine, "stream::set(orders)");
+            assert!(worker.drain().is_empty());
+            settle().await;
+        });
+    }
+}
