@@ -7,9 +7,11 @@ use crate::stream::shard::ShardContext;
 use crate::stream::StreamService;
 use crate::{control, stream, EXIT_START_FAILED};
 use ringcast_shards::runtime::{self, CorePlan};
+use std::cell::RefCell;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -232,12 +234,24 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let control_flag = shutdown.clone();
     let control_metrics = metrics.clone();
     let streams = config.stream.as_ref().map(|_| (StreamService { shards: shard_senders.clone() }, control_requests_rx));
+    // The control core starts empty: the engine's own functions always, the stream functions
+    // when `iii-stream` is configured, with the task that serves the shards' requests.
+    // The shards' requests are served only once the borrow is released: glommio may poll a new
+    // task at once, and a join can already be waiting (the stream port is bound before the
+    // control core starts).
+    let install = move |engine: &Rc<RefCell<control::engine::Engine>>| {
+        control::builtins::install(&mut engine.borrow_mut());
+        if let Some((service, requests)) = streams {
+            stream::functions::install(&mut engine.borrow_mut(), service);
+            glommio::spawn_local(stream::functions::serve_shard_requests(engine.clone(), requests)).detach();
+        }
+    };
     let spin_on = |cpu: usize| {
         let micros = if plan.is_shared(cpu) { 0 } else { cli.spin_us };
         std::time::Duration::from_micros(micros)
     };
     let control = runtime::spawn_pinned("ringcast-control", plan.control_cpu, io_memory, spin_on(plan.control_cpu), move || {
-        control::run(worker_fd, control_config, streams, control_metrics, control_flag)
+        control::run(worker_fd, control_config, control_metrics, control_flag, install)
     })
     .map_err(StartError)?;
 

@@ -1,43 +1,22 @@
 //! The engine's own functions (spec §6): worker registration and the introspection and trigger
 //! functions, run in-process on the control core.
 
-use super::engine::{ConnId, Engine, CLOSE_POLICY};
-use super::invocation::Outcome;
-use super::registry::{is_blank, ns_key, DEFAULT_NS};
-use super::triggers::{Provider, ENGINE_TRIGGER_TYPES};
+use super::engine::Engine;
+use super::functions::{decode_input, reply_now, BuiltinReply, FunctionEntry};
+use super::ns_map::{is_blank, ns_key, DEFAULT_NS};
+use super::outbox::CLOSE_POLICY;
+use super::triggers::{Binding, Provider, ENGINE_TRIGGER_TYPES};
 use super::wire::{ErrorBody, Outbound, RegisterTrigger};
+use super::workers::{WorkerConnId, WorkerMeta};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::future::Future;
-use std::pin::Pin;
+use std::rc::Rc;
 use std::time::Duration;
 
-/// A builtin's answer: now, or from a task that completes later.
-pub enum BuiltinReply {
-    Now(Outcome),
-    Later(Pin<Box<dyn Future<Output = Outcome>>>),
-}
+/// An engine builtin: a plain function of the engine and the call's input.
+type EngineFn = fn(&mut Engine, Value) -> BuiltinReply;
 
-pub type BuiltinFn = fn(&mut Engine, Value) -> BuiltinReply;
-
-/// Who runs a function.
-#[derive(Clone, Copy)]
-pub enum Handler {
-    Worker(ConnId),
-    Builtin(BuiltinFn),
-}
-
-impl PartialEq for Handler {
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Handler::Worker(a), Handler::Worker(b)) => a == b,
-            (Handler::Builtin(a), Handler::Builtin(b)) => std::ptr::fn_addr_eq(*a, *b),
-            _ => false,
-        }
-    }
-}
-
-const BUILTINS: &[(&str, &str, BuiltinFn)] = &[
+const BUILTINS: &[(&str, &str, EngineFn)] = &[
     ("engine::workers::register", "Records a worker's metadata and namespace", workers_register),
     ("engine::functions::list", "Lists registered functions", functions_list),
     ("engine::functions::info", "Describes one or more functions", functions_info),
@@ -51,39 +30,14 @@ const BUILTINS: &[(&str, &str, BuiltinFn)] = &[
     ("engine::unregister_trigger", "Removes a trigger binding", unregister_trigger),
 ];
 
-/// Registers the builtins and the engine's trigger types.
+/// Installs the engine's own functions and trigger types (the boot code calls it).
 pub fn install(engine: &mut Engine) {
-    install_functions(engine, BUILTINS);
-    engine.install_engine_trigger_types(ENGINE_TRIGGER_TYPES);
-}
-
-/// Registers in-process functions in the default namespace.
-pub fn install_functions(engine: &mut Engine, functions: &[(&str, &str, BuiltinFn)]) {
-    for (id, description, run) in functions {
-        engine.functions.insert(
-            DEFAULT_NS,
-            id,
-            super::engine::FunctionEntry {
-                handler: Handler::Builtin(*run),
-                description: Some(description.to_string()),
-                request_format: None,
-                response_format: None,
-                metadata: None,
-            },
-        );
+    for (id, description, run) in BUILTINS {
+        engine.register_builtin(id, description, Rc::new(*run));
     }
-}
-
-pub fn now(outcome: Result<Value, ErrorBody>) -> BuiltinReply {
-    BuiltinReply::Now(outcome.map(Some))
-}
-
-/// Decodes a builtin's input; unknown keys (such as `_caller_worker_id`) are ignored.
-pub fn input<T: for<'de> Deserialize<'de>>(id: &str, data: Value) -> Result<T, ErrorBody> {
-    let data = if data.is_null() { json!({}) } else { data };
-    serde_json::from_value(data).map_err(|e| {
-        ErrorBody::new("deserialization_error", format!("Failed to deserialize input for {id}: {e}"))
-    })
+    for (id, description) in ENGINE_TRIGGER_TYPES {
+        engine.register_engine_trigger_type(id, description);
+    }
 }
 
 /// Removes control and bidi characters, caps at 280 characters; blank becomes absent.
@@ -107,31 +61,30 @@ struct RegisterInput {
     pid: Option<u64>,
     isolation: Option<Value>,
     namespace: Option<String>,
-    telemetry: Option<Value>,
 }
 
 fn workers_register(engine: &mut Engine, data: Value) -> BuiltinReply {
     const ID: &str = "engine::workers::register";
-    let input: RegisterInput = match input(ID, data) {
+    let input: RegisterInput = match decode_input(ID, data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
     };
-    let Some(conn) = input._caller_worker_id.as_ref().and_then(|w| engine.conn_by_worker_id.get(w)).copied() else {
-        return now(Err(ErrorBody::new("deserialization_error", format!("Failed to deserialize input for {ID}: missing field `_caller_worker_id`"))));
+    let Some(conn) = input._caller_worker_id.as_deref().and_then(|w| engine.workers.by_worker_id(w)) else {
+        return reply_now(Err(ErrorBody::new("deserialization_error", format!("Failed to deserialize input for {ID}: missing field `_caller_worker_id`"))));
     };
     if is_blank(&input.namespace) {
-        return now(Err(ErrorBody::new("INVALID_NAMESPACE", "namespace is present but empty")));
+        return reply_now(Err(ErrorBody::new("INVALID_NAMESPACE", "namespace is present but empty")));
     }
     let namespace = input.namespace.clone().unwrap_or_else(|| DEFAULT_NS.to_string());
     let name = sanitize(input.name);
     if let Some(name) = &name {
         let holder = engine
-            .conns
+            .workers
             .iter()
-            .find(|(id, c)| **id != conn && c.namespace == namespace && c.meta.name.as_deref() == Some(name));
+            .find(|(id, c)| *id != conn && c.namespace == namespace && c.meta.name.as_deref() == Some(name));
         if let Some((_, holder)) = holder {
             let owner = holder.worker_id.clone();
-            let c = &engine.conns[&conn];
+            let c = &engine.workers[conn];
             tracing::warn!(worker = %name, namespace = %namespace, "worker name already in use; connection refused");
             c.send(&Outbound::RegistrationRejected {
                 code: "WORKER_NAMESPACE_CONFLICT",
@@ -141,16 +94,15 @@ fn workers_register(engine: &mut Engine, data: Value) -> BuiltinReply {
                 owner_worker_id: &owner,
             });
             c.close(CLOSE_POLICY, "worker name already in use");
-            return now(Ok(json!({ "success": false })));
+            return reply_now(Ok(json!({ "success": false })));
         }
     }
-    if !engine.conns[&conn].namespace_declared && namespace != engine.conns[&conn].namespace {
+    if !engine.workers[conn].namespace_declared && namespace != engine.workers[conn].namespace {
         rehome(engine, conn, &namespace);
     }
-    let c = engine.conns.get_mut(&conn).unwrap();
+    let Some(c) = engine.workers.get_mut(conn) else { return reply_now(Ok(json!({ "success": false }))) };
     c.namespace_declared = true;
-    c.registered = true;
-    c.meta = super::engine::WorkerMeta {
+    c.meta = WorkerMeta {
         runtime: input.runtime,
         version: input.version,
         name,
@@ -158,38 +110,35 @@ fn workers_register(engine: &mut Engine, data: Value) -> BuiltinReply {
         os: input.os,
         pid: input.pid,
         isolation: input.isolation,
-        telemetry: input.telemetry,
     };
     tracing::info!(worker_id = %c.worker_id, name = %c.display_name(), runtime = ?c.meta.runtime, "worker registered");
     let worker_id = c.worker_id.clone();
     engine.fire_workers_available("worker_metadata_updated", &worker_id);
-    now(Ok(json!({ "success": true })))
+    reply_now(Ok(json!({ "success": true })))
 }
 
 /// Moves what a connection registered before declaring its namespace into that namespace.
-fn rehome(engine: &mut Engine, conn: ConnId, namespace: &str) {
-    let old_ns = std::mem::replace(&mut engine.conns.get_mut(&conn).unwrap().namespace, namespace.to_string());
-    let functions: Vec<_> = engine.conns[&conn].functions.iter().cloned().collect();
+fn rehome(engine: &mut Engine, conn: WorkerConnId, namespace: &str) {
+    let Some(c) = engine.workers.get_mut(conn) else { return };
+    let old_ns = std::mem::replace(&mut c.namespace, namespace.to_string());
+    let functions: Vec<_> = c.functions.iter().filter(|(ns, _)| *ns == old_ns).cloned().collect();
     for (ns, id) in functions {
-        if ns != old_ns {
-            continue;
+        if let Some(c) = engine.workers.get_mut(conn) {
+            c.functions.remove(&(ns.clone(), id.clone()));
         }
-        engine.conns.get_mut(&conn).unwrap().functions.remove(&(ns.clone(), id.clone()));
         if let Some(entry) = engine.functions.remove(&ns, &id) {
-            let taken = matches!(engine.functions.get(namespace, &id), Some(f) if f.handler != Handler::Worker(conn))
+            let taken = matches!(engine.functions.get(namespace, &id), Some(f) if f.handler.worker() != Some(conn))
                 || engine.is_reserved_function(namespace, &id);
             if taken {
                 continue;
             }
             engine.functions.insert(namespace, &id, entry);
-            engine.conns.get_mut(&conn).unwrap().functions.insert(ns_key(namespace, &id));
+            if let Some(c) = engine.workers.get_mut(conn) {
+                c.functions.insert(ns_key(namespace, &id));
+            }
         }
     }
-    for binding in engine.bindings.values_mut() {
-        if binding.owner == Some(conn) {
-            binding.home_ns = namespace.to_string();
-        }
-    }
+    engine.triggers.rehome_bindings(conn, namespace);
     engine.functions_changed();
 }
 
@@ -206,7 +155,7 @@ impl Engine {
         rows
     }
 
-    fn function_summary(&self, ns: &str, id: &str, f: &super::engine::FunctionEntry) -> Value {
+    fn function_summary(&self, ns: &str, id: &str, f: &FunctionEntry) -> Value {
         let mut row = json!({
             "function_id": id,
             "namespace": ns,
@@ -221,16 +170,16 @@ impl Engine {
         row
     }
 
-    fn worker_name_of(&self, f: &super::engine::FunctionEntry, id: &str) -> String {
-        match f.handler {
-            Handler::Worker(conn) => self.conns.get(&conn).map(|c| c.display_name()),
-            Handler::Builtin(_) => None,
-        }
-        .unwrap_or_else(|| id.split("::").next().unwrap_or(id).to_string())
+    fn worker_name_of(&self, f: &FunctionEntry, id: &str) -> String {
+        f.handler
+            .worker()
+            .and_then(|conn| self.workers.get(conn))
+            .map(|c| c.display_name())
+            .unwrap_or_else(|| id.split("::").next().unwrap_or(id).to_string())
     }
 }
 
-fn is_internal(id: &str, f: &super::engine::FunctionEntry) -> bool {
+fn is_internal(id: &str, f: &FunctionEntry) -> bool {
     (id.starts_with("engine::") && !id.starts_with("engine::queue::"))
         || f.metadata.as_ref().and_then(|m| m.get("internal")).and_then(Value::as_bool) == Some(true)
 }
@@ -256,7 +205,7 @@ struct FunctionsListInput {
 }
 
 fn functions_list(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let input: FunctionsListInput = match input("engine::functions::list", data) {
+    let input: FunctionsListInput = match decode_input("engine::functions::list", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
     };
@@ -273,7 +222,7 @@ fn functions_list(engine: &mut Engine, data: Value) -> BuiltinReply {
                 && matches_search(&input.search, &[id, description])
         })
         .collect();
-    now(Ok(json!({ "functions": rows })))
+    reply_now(Ok(json!({ "functions": rows })))
 }
 
 #[derive(Deserialize, Default)]
@@ -295,8 +244,8 @@ impl Engine {
             detail["response_schema"] = s.clone();
         }
         let triggers: Vec<Value> = self
-            .bindings
-            .values()
+            .triggers
+            .bindings()
             .filter(|b| b.function_id == id && b.namespace == ns)
             .map(|b| json!({ "id": b.id, "trigger_type": b.trigger_type, "config": b.config }))
             .collect();
@@ -306,19 +255,19 @@ impl Engine {
 }
 
 fn functions_info(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let input: FunctionsInfoInput = match input("engine::functions::info", data) {
+    let input: FunctionsInfoInput = match decode_input("engine::functions::info", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
     };
     let ns = input.namespace.unwrap_or_else(|| DEFAULT_NS.to_string());
     match (input.function_id, input.function_ids) {
-        (Some(id), None) => now(engine
+        (Some(id), None) => reply_now(engine
             .function_detail(&ns, &id)
             .ok_or_else(|| ErrorBody::new("NOT_FOUND", format!("function {id} not found in namespace {ns}")))),
         (None, Some(mut ids)) => {
             ids.dedup();
             if ids.is_empty() || ids.len() > 32 {
-                return now(Err(ErrorBody::new("INVALID_ARGUMENTS", "function_ids must hold 1 to 32 ids")));
+                return reply_now(Err(ErrorBody::new("INVALID_ARGUMENTS", "function_ids must hold 1 to 32 ids")));
             }
             let mut seen = std::collections::HashSet::new();
             let rows: Vec<Value> = ids
@@ -326,15 +275,15 @@ fn functions_info(engine: &mut Engine, data: Value) -> BuiltinReply {
                 .filter(|id| seen.insert(id.as_str()))
                 .map(|id| engine.function_detail(&ns, id).unwrap_or_else(|| json!({ "function_id": id, "error": "not_found" })))
                 .collect();
-            now(Ok(json!({ "functions": rows })))
+            reply_now(Ok(json!({ "functions": rows })))
         }
-        _ => now(Err(ErrorBody::new("INVALID_ARGUMENTS", "give exactly one of function_id or function_ids"))),
+        _ => reply_now(Err(ErrorBody::new("INVALID_ARGUMENTS", "give exactly one of function_id or function_ids"))),
     }
 }
 
 impl Engine {
-    fn worker_summary(&self, conn: ConnId) -> Value {
-        let c = &self.conns[&conn];
+    fn worker_summary(&self, conn: WorkerConnId) -> Value {
+        let c = &self.workers[conn];
         let active = c.owner_inflight.len();
         json!({
             "name": c.meta.name,
@@ -381,11 +330,11 @@ struct WorkersListInput {
 }
 
 fn workers_list(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let input: WorkersListInput = match input("engine::workers::list", data) {
+    let input: WorkersListInput = match decode_input("engine::workers::list", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
     };
-    let mut conns: Vec<ConnId> = engine.conns.iter().filter(|(_, c)| c.meta.pid.is_some()).map(|(id, _)| *id).collect();
+    let mut conns: Vec<WorkerConnId> = engine.workers.iter().filter(|(_, c)| c.meta.pid.is_some()).map(|(id, _)| id).collect();
     conns.sort_unstable();
     let rows: Vec<Value> = std::iter::once(engine_module_summary())
         .chain(conns.into_iter().map(|c| engine.worker_summary(c)))
@@ -396,7 +345,7 @@ fn workers_list(engine: &mut Engine, data: Value) -> BuiltinReply {
                 && matches_search(&input.search, &[&field("name"), &field("description"), &field("id")])
         })
         .collect();
-    now(Ok(json!({ "workers": rows })))
+    reply_now(Ok(json!({ "workers": rows })))
 }
 
 #[derive(Deserialize)]
@@ -406,22 +355,22 @@ struct WorkersInfoInput {
 }
 
 fn workers_info(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let input: WorkersInfoInput = match input("engine::workers::info", data) {
+    let input: WorkersInfoInput = match decode_input("engine::workers::info", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
     };
-    let matches: Vec<ConnId> = engine
-        .conns
+    let matches: Vec<WorkerConnId> = engine
+        .workers
         .iter()
         .filter(|(_, c)| c.meta.name.as_deref() == Some(input.name.as_str()))
         .filter(|(_, c)| input.namespace.as_ref().is_none_or(|ns| *ns == c.namespace))
-        .map(|(id, _)| *id)
+        .map(|(id, _)| id)
         .collect();
     let [conn] = matches[..] else {
         let why = if matches.is_empty() { "not found" } else { "ambiguous: several workers have this name" };
-        return now(Err(ErrorBody::new("NOT_FOUND", format!("worker {}: {why}", input.name))));
+        return reply_now(Err(ErrorBody::new("NOT_FOUND", format!("worker {}: {why}", input.name))));
     };
-    let c = &engine.conns[&conn];
+    let c = &engine.workers[conn];
     let mut worker = engine.worker_summary(conn);
     worker["pid"] = json!(c.meta.pid);
     worker["internal"] = json!(false);
@@ -435,17 +384,17 @@ fn workers_info(engine: &mut Engine, data: Value) -> BuiltinReply {
     let triggers: Vec<Value> = c
         .triggers
         .iter()
-        .filter_map(|id| engine.bindings.get(id))
+        .filter_map(|id| engine.triggers.binding(id))
         .map(|b| json!({ "id": b.id, "trigger_type": b.trigger_type, "function_id": b.function_id, "config": b.config }))
         .collect();
-    now(Ok(json!({ "worker": worker, "functions": functions, "trigger_types": trigger_types, "registered_triggers": triggers })))
+    reply_now(Ok(json!({ "worker": worker, "functions": functions, "trigger_types": trigger_types, "registered_triggers": triggers })))
 }
 
 fn trigger_type_summary(engine: &Engine, ns: &str, id: &str) -> Value {
-    let Some(t) = engine.trigger_types.get(ns, id) else { return Value::Null };
+    let Some(t) = engine.triggers.trigger_type(ns, id) else { return Value::Null };
     let worker_name = match t.provider {
         Provider::Engine => "iii-engine-functions".to_string(),
-        Provider::Worker(conn) => engine.conns.get(&conn).map(|c| c.display_name()).unwrap_or_default(),
+        Provider::Worker(conn) => engine.workers.get(conn).map(|c| c.display_name()).unwrap_or_default(),
     };
     json!({ "id": id, "namespace": ns, "worker_name": worker_name, "description": t.description })
 }
@@ -460,14 +409,14 @@ struct TriggersListInput {
 }
 
 fn triggers_list(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let input: TriggersListInput = match input("engine::triggers::list", data) {
+    let input: TriggersListInput = match decode_input("engine::triggers::list", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
     };
     let include_internal = input.include_internal.unwrap_or(false);
     let mut rows: Vec<Value> = engine
-        .trigger_types
-        .iter()
+        .triggers
+        .trigger_types()
         .filter(|(_, id, _)| include_internal || !ENGINE_TRIGGER_TYPES.iter().any(|(e, _)| e == id))
         .map(|(ns, id, _)| trigger_type_summary(engine, ns, id))
         .filter(|row| {
@@ -479,7 +428,7 @@ fn triggers_list(engine: &mut Engine, data: Value) -> BuiltinReply {
         })
         .collect();
     rows.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-    now(Ok(json!({ "triggers": rows })))
+    reply_now(Ok(json!({ "triggers": rows })))
 }
 
 #[derive(Deserialize)]
@@ -489,13 +438,13 @@ struct TriggersInfoInput {
 }
 
 fn triggers_info(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let input: TriggersInfoInput = match input("engine::triggers::info", data) {
+    let input: TriggersInfoInput = match decode_input("engine::triggers::info", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
     };
     let ns = input.namespace.unwrap_or_else(|| DEFAULT_NS.to_string());
-    let Some(t) = engine.trigger_types.get(&ns, &input.id) else {
-        return now(Err(ErrorBody::new("NOT_FOUND", format!("trigger type {} not found in namespace {ns}", input.id))));
+    let Some(t) = engine.triggers.trigger_type(&ns, &input.id) else {
+        return reply_now(Err(ErrorBody::new("NOT_FOUND", format!("trigger type {} not found in namespace {ns}", input.id))));
     };
     let mut row = trigger_type_summary(engine, &ns, &input.id);
     if let Some(s) = &t.trigger_request_format {
@@ -505,18 +454,18 @@ fn triggers_info(engine: &mut Engine, data: Value) -> BuiltinReply {
         row["request_schema"] = s.clone();
     }
     row["instance_count"] = json!(engine
-        .bindings
-        .values()
+        .triggers
+        .bindings()
         .filter(|b| b.trigger_type == input.id && b.routed_ns.as_deref() == Some(ns.as_str()))
         .count());
-    now(Ok(row))
+    reply_now(Ok(row))
 }
 
 impl Engine {
-    fn binding_summary(&self, b: &super::triggers::Binding) -> Value {
+    fn binding_summary(&self, b: &Binding) -> Value {
         let worker_name = b
             .owner
-            .and_then(|o| self.conns.get(&o))
+            .and_then(|o| self.workers.get(o))
             .map(|c| c.display_name())
             .unwrap_or_else(|| "engine".to_string());
         let config_summary = match &b.config {
@@ -542,14 +491,14 @@ struct RegisteredTriggersListInput {
 }
 
 fn registered_triggers_list(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let input: RegisteredTriggersListInput = match input("engine::registered-triggers::list", data) {
+    let input: RegisteredTriggersListInput = match decode_input("engine::registered-triggers::list", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
     };
     let include_internal = input.include_internal.unwrap_or(false);
     let mut rows: Vec<Value> = engine
-        .bindings
-        .values()
+        .triggers
+        .bindings()
         .filter(|b| include_internal || !b.function_id.starts_with("engine::"))
         .filter(|b| input.trigger_type.as_ref().is_none_or(|t| *t == b.trigger_type))
         .filter(|b| input.function_id.as_ref().is_none_or(|f| *f == b.function_id))
@@ -563,7 +512,7 @@ fn registered_triggers_list(engine: &mut Engine, data: Value) -> BuiltinReply {
         })
         .collect();
     rows.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-    now(Ok(json!({ "registered_triggers": rows })))
+    reply_now(Ok(json!({ "registered_triggers": rows })))
 }
 
 #[derive(Deserialize)]
@@ -572,12 +521,12 @@ struct IdInput {
 }
 
 fn registered_triggers_info(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let input: IdInput = match input("engine::registered-triggers::info", data) {
+    let input: IdInput = match decode_input("engine::registered-triggers::info", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
     };
-    let Some(b) = engine.bindings.get(&input.id) else {
-        return now(Err(ErrorBody::new("NOT_FOUND", format!("trigger {} not found", input.id))));
+    let Some(b) = engine.triggers.binding(&input.id) else {
+        return reply_now(Err(ErrorBody::new("NOT_FOUND", format!("trigger {} not found", input.id))));
     };
     let mut row = engine.binding_summary(b);
     row.as_object_mut().unwrap().remove("config_summary");
@@ -586,7 +535,7 @@ fn registered_triggers_info(engine: &mut Engine, data: Value) -> BuiltinReply {
     }
     row["trigger"] = b.routed_ns.as_ref().map(|ns| trigger_type_summary(engine, ns, &b.trigger_type)).unwrap_or(Value::Null);
     row["function"] = engine.function_detail(&b.namespace, &b.function_id).unwrap_or(Value::Null);
-    now(Ok(row))
+    reply_now(Ok(row))
 }
 
 #[derive(Deserialize)]
@@ -605,12 +554,12 @@ struct RegisterTriggerInput {
 const PROVIDER_VERDICT_WAIT: Duration = Duration::from_secs(10);
 
 fn register_trigger(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let input: RegisterTriggerInput = match input("engine::register_trigger", data) {
+    let input: RegisterTriggerInput = match decode_input("engine::register_trigger", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
     };
     if is_blank(&input.trigger_namespace) {
-        return now(Err(ErrorBody::new("INVALID_NAMESPACE", "trigger_namespace is present but empty")));
+        return reply_now(Err(ErrorBody::new("INVALID_NAMESPACE", "trigger_namespace is present but empty")));
     }
     let id = uuid::Uuid::new_v4().to_string();
     let provider = engine.register_binding(
@@ -627,15 +576,15 @@ fn register_trigger(engine: &mut Engine, data: Value) -> BuiltinReply {
     );
     let result = json!({ "id": id });
     if provider.is_none() {
-        return now(Ok(result));
+        return reply_now(Ok(result));
     }
     let (tx, rx) = futures_channel::oneshot::channel();
-    engine.trigger_waiters.insert(id.clone(), tx);
-    let engine_ref = engine.self_ref.clone();
+    engine.triggers.add_waiter(&id, tx);
+    let engine_ref = engine.weak_self();
     BuiltinReply::Later(Box::pin(async move {
         let verdict = glommio::timer::timeout(PROVIDER_VERDICT_WAIT, async { Ok(rx.await.ok().flatten()) }).await;
         if let Some(engine) = engine_ref.upgrade() {
-            engine.borrow_mut().trigger_waiters.remove(&id);
+            engine.borrow_mut().triggers.remove_waiter(&id);
         }
         match verdict {
             Ok(Some(error)) => Err(ErrorBody::new("trigger_registration_failed", format!("{}: {}", error.code, error.message))),
@@ -651,12 +600,12 @@ struct UnregisterTriggerInput {
 }
 
 fn unregister_trigger(engine: &mut Engine, data: Value) -> BuiltinReply {
-    let input: UnregisterTriggerInput = match input("engine::unregister_trigger", data) {
+    let input: UnregisterTriggerInput = match decode_input("engine::unregister_trigger", data) {
         Ok(i) => i,
         Err(e) => return BuiltinReply::Now(Err(e)),
     };
     let removed = engine.unregister_binding(&input.id);
-    now(Ok(json!({ "removed": removed })))
+    reply_now(Ok(json!({ "removed": removed })))
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@
 //! `/ws/channels/{id}`), then a read loop that decodes frames into the engine and a writer task
 //! that drains the connection's outbox, coalescing queued frames into one flush.
 
-use super::engine::{Engine, OutFrame, Outbox, CLOSE_GOING_AWAY, CLOSE_OUTBOX_FULL};
+use super::engine::Engine;
+use super::outbox::{OutFrame, Outbox, CLOSE_GOING_AWAY, CLOSE_OUTBOX_FULL};
 use super::wire::{self, DecodeError};
+use super::workers::WorkerConnId;
 use async_tungstenite::{WebSocketReceiver, WebSocketSender};
 use futures_channel::mpsc::{unbounded, UnboundedReceiver};
 use futures_util::future::Either;
@@ -66,7 +68,7 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
     let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let (max_message, handshake_ms) = {
         let e = engine.borrow();
-        (e.config.max_message_bytes, e.config.handshake_timeout_ms)
+        (e.config().max_message_bytes, e.config().handshake_timeout_ms)
     };
     let mut ws_config = WebSocketConfig::default();
     ws_config.max_message_size = Some(max_message);
@@ -121,7 +123,7 @@ async fn serve_worker(
 ) {
     let (limit, ping_interval, ping_timeout) = {
         let e = engine.borrow();
-        (e.config.max_outbox_bytes, e.config.ping_interval_ms, e.config.ping_timeout_ms)
+        (e.config().max_outbox_bytes, e.config().ping_interval_ms, e.config().ping_timeout_ms)
     };
     let (tx, rx) = unbounded();
     let outbox = Rc::new(Outbox::new(tx, limit));
@@ -139,11 +141,11 @@ async fn serve_worker(
     match outbox.close_frame() {
         Some((CLOSE_OUTBOX_FULL, _)) => {
             tracing::warn!(conn, limit, "worker closed: its outbox passed max_outbox_bytes (it is not reading)");
-            engine.borrow().metrics.control.worker_outbox_closes_total.fetch_add(1, Relaxed);
+            engine.borrow().metrics().control.worker_outbox_closes_total.fetch_add(1, Relaxed);
         }
         Some((CLOSE_PING_TIMEOUT, _)) => {
             tracing::warn!(conn, ping_timeout, "worker closed: no frame or pong within the ping timeout");
-            engine.borrow().metrics.control.worker_ping_timeouts_total.fetch_add(1, Relaxed);
+            engine.borrow().metrics().control.worker_ping_timeouts_total.fetch_add(1, Relaxed);
         }
         _ => {}
     }
@@ -164,12 +166,12 @@ async fn serve_worker(
 /// Reads frames into the engine until the peer goes away or the connection is ended.
 async fn read_loop(
     engine: &Rc<RefCell<Engine>>,
-    conn: u64,
+    conn: WorkerConnId,
     source: &mut WebSocketReceiver<TcpStream>,
     outbox: &Outbox,
     last_inbound: &Cell<Instant>,
 ) {
-    let max_depth = engine.borrow().config.max_json_depth;
+    let max_depth = engine.borrow().config().max_json_depth;
     loop {
         let item = match futures_util::future::select(source.next(), std::pin::pin!(outbox.ended())).await {
             Either::Left((Some(item), _)) => item,
@@ -226,21 +228,21 @@ async fn ping_loop(outbox: &Outbox, last_inbound: &Cell<Instant>, interval_ms: u
 }
 
 /// A frame that did not decode: logged; a waiting caller gets an error answer.
-fn reject_frame(engine: &Rc<RefCell<Engine>>, conn: u64, original: &[u8], error: DecodeError, max_depth: usize) {
+fn reject_frame(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, original: &[u8], error: DecodeError, max_depth: usize) {
     tracing::warn!(conn, "dropped an undecodable worker frame: {error}");
     if let Some(salvaged) = wire::salvage_invocation(original, max_depth) {
-        let engine = engine.borrow();
-        if let Some(c) = engine.conns.get(&conn) {
-            let error = wire::ErrorBody::new("invalid_message", format!("invokefunction could not be decoded: {error}"));
-            c.send(&wire::Outbound::InvocationResult {
+        let error = wire::ErrorBody::new("invalid_message", format!("invokefunction could not be decoded: {error}"));
+        engine.borrow().send_to(
+            conn,
+            &wire::Outbound::InvocationResult {
                 invocation_id: &salvaged.invocation_id,
                 function_id: &salvaged.function_id,
                 result: None,
                 error: Some(&error),
                 traceparent: None,
                 baggage: None,
-            });
-        }
+            },
+        );
     }
 }
 

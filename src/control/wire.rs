@@ -619,8 +619,7 @@ mod tests {
     use super::*;
 
     fn dec(text: &str) -> Result<Inbound, DecodeError> {
-        let mut buf = text.as_bytes().to_vec();
-        decode(&mut buf, 128)
+        decode(text.as_bytes(), 128)
     }
 
     #[test]

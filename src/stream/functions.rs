@@ -2,13 +2,16 @@
 //! a custom `stream::<op>(<name>)` function, route the operation to the group's owner shard, and
 //! fire `stream` triggers with the event it produced. Also serves the shards' requests: the auth
 //! function and the `stream:join`/`stream:leave` triggers.
+//!
+//! The control core does not know this module: the boot code installs these functions
+//! ([`install`]) and starts [`serve_shard_requests`]; each function holds the shards' inboxes.
 
 use super::messages::{ControlRequest, EventKind, GroupKey, ShardMsg, StoreOp, StoreReply};
 use super::StreamService;
-use crate::control::builtins::{input, now, BuiltinFn, BuiltinReply};
 use crate::control::engine::Engine;
-use crate::control::invocation::{Call, Outcome, Reply};
-use crate::control::registry::DEFAULT_NS;
+use crate::control::functions::{decode_input, reply_now, BuiltinReply};
+use crate::control::invocations::{Call, Outcome, Reply};
+use crate::control::ns_map::DEFAULT_NS;
 use crate::control::wire::ErrorBody;
 use bytes::Bytes;
 use futures_channel::oneshot;
@@ -19,7 +22,13 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::{Rc, Weak};
 
-const FUNCTIONS: &[(&str, &str, BuiltinFn)] = &[
+/// Requests from the shards to the control core (auth, join/leave triggers).
+pub type ShardRequests = futures_channel::mpsc::UnboundedReceiver<ControlRequest>;
+
+/// A stream function: the shards' inboxes, the engine, the call's input.
+type StreamFn = fn(&Rc<StreamService>, &mut Engine, Value) -> BuiltinReply;
+
+const FUNCTIONS: &[(&str, &str, StreamFn)] = &[
     ("stream::set", "Stores an item and notifies the group's subscribers", stream_set),
     ("stream::get", "Reads an item", stream_get),
     ("stream::delete", "Removes an item and notifies the group's subscribers", stream_delete),
@@ -36,10 +45,16 @@ const TRIGGER_TYPES: &[(&str, &str)] = &[
     ("stream:leave", "Fires when a subscription ends"),
 ];
 
-/// Registers the stream functions and trigger types.
-pub fn install(engine: &mut Engine) {
-    crate::control::builtins::install_functions(engine, FUNCTIONS);
-    engine.install_engine_trigger_types(TRIGGER_TYPES);
+/// Registers the stream functions, each holding `service`, and the stream trigger types.
+pub fn install(engine: &mut Engine, service: StreamService) {
+    let service = Rc::new(service);
+    for (id, description, run) in FUNCTIONS {
+        let (service, run) = (service.clone(), *run);
+        engine.register_builtin(id, description, Rc::new(move |engine: &mut Engine, data: Value| run(&service, engine, data)));
+    }
+    for (id, description) in TRIGGER_TYPES {
+        engine.register_engine_trigger_type(id, description);
+    }
 }
 
 #[derive(Deserialize)]
@@ -89,15 +104,11 @@ struct UpdateInput {
 
 macro_rules! decode {
     ($id:expr, $data:expr) => {
-        match input($id, $data) {
+        match decode_input($id, $data) {
             Ok(v) => v,
             Err(e) => return BuiltinReply::Now(Err(e)),
         }
     };
-}
-
-fn service(engine: &Engine) -> Rc<StreamService> {
-    engine.streams.clone().expect("stream functions are installed only with the stream module")
 }
 
 /// The custom function that replaces the built-in storage of `op` for the stream named in
@@ -106,7 +117,7 @@ fn service(engine: &Engine) -> Rc<StreamService> {
 fn override_for(engine: &Engine, op: &str, data: &Value) -> Option<String> {
     let stream = data.get("stream_name")?.as_str()?;
     let id = format!("stream::{op}({stream})");
-    engine.functions.get(DEFAULT_NS, &id).map(|_| id)
+    engine.has_function(DEFAULT_NS, &id).then_some(id)
 }
 
 /// Calls a worker function from a builtin; the outcome arrives on the receiver.
@@ -118,9 +129,9 @@ fn call_function(engine: &mut Engine, function_id: &str, data: Value) -> oneshot
 
 /// Sends `op` to the owner of `key` and answers with its result, firing `stream` triggers for
 /// the event it produced.
-fn route(engine: &Engine, key: GroupKey, op: StoreOp, error_code: &'static str) -> BuiltinReply {
-    let rx = send_to_owner(&service(engine), key.clone(), op);
-    let weak = engine.self_ref.clone();
+fn route(service: &StreamService, engine: &Engine, key: GroupKey, op: StoreOp, error_code: &'static str) -> BuiltinReply {
+    let rx = send_to_owner(service, key.clone(), op);
+    let weak = engine.weak_self();
     BuiltinReply::Later(Box::pin(async move {
         let reply = rx.await.map_err(|_| ErrorBody::new(error_code, "the shard owning this group is not running"))?;
         finish(&weak, key, reply)
@@ -142,71 +153,71 @@ fn finish(weak: &Weak<RefCell<Engine>>, key: GroupKey, reply: StoreReply) -> Out
     reply.result.map_err(|(code, message)| ErrorBody::new(&code, message))
 }
 
-fn stream_set(engine: &mut Engine, data: Value) -> BuiltinReply {
+fn stream_set(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
     if let Some(custom) = override_for(engine, "set", &data) {
         let i: SetInput = decode!("stream::set", data.clone());
-        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_SET_ERROR"));
+        return custom_mutation(service, engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_SET_ERROR"));
     }
     let i: SetInput = decode!("stream::set", data);
-    route(engine, (i.stream_name, i.group_id), StoreOp::Set { item: i.item_id, data: i.data }, "STREAM_SET_ERROR")
+    route(service, engine, (i.stream_name, i.group_id), StoreOp::Set { item: i.item_id, data: i.data }, "STREAM_SET_ERROR")
 }
 
-fn stream_get(engine: &mut Engine, data: Value) -> BuiltinReply {
+fn stream_get(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
     if let Some(custom) = override_for(engine, "get", &data) {
         let _: ItemInput = decode!("stream::get", data.clone());
         return passthrough(engine, &custom, data);
     }
     let i: ItemInput = decode!("stream::get", data);
-    route(engine, (i.stream_name, i.group_id), StoreOp::Get { item: i.item_id }, "STREAM_GET_ERROR")
+    route(service, engine, (i.stream_name, i.group_id), StoreOp::Get { item: i.item_id }, "STREAM_GET_ERROR")
 }
 
-fn stream_delete(engine: &mut Engine, data: Value) -> BuiltinReply {
+fn stream_delete(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
     if let Some(custom) = override_for(engine, "delete", &data) {
         let i: ItemInput = decode!("stream::delete", data.clone());
-        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Delete);
+        return custom_mutation(service, engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Delete);
     }
     let i: ItemInput = decode!("stream::delete", data);
-    route(engine, (i.stream_name, i.group_id), StoreOp::Delete { item: i.item_id }, "STREAM_DELETE_ERROR")
+    route(service, engine, (i.stream_name, i.group_id), StoreOp::Delete { item: i.item_id }, "STREAM_DELETE_ERROR")
 }
 
-fn stream_list(engine: &mut Engine, data: Value) -> BuiltinReply {
+fn stream_list(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
     if let Some(custom) = override_for(engine, "list", &data) {
         let _: GroupInput = decode!("stream::list", data.clone());
         return passthrough(engine, &custom, data);
     }
     let i: GroupInput = decode!("stream::list", data);
-    route(engine, (i.stream_name, i.group_id), StoreOp::List, "STREAM_GET_GROUP_ERROR")
+    route(service, engine, (i.stream_name, i.group_id), StoreOp::List, "STREAM_GET_GROUP_ERROR")
 }
 
-fn stream_update(engine: &mut Engine, data: Value) -> BuiltinReply {
+fn stream_update(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
     // The input is copied only when a custom function needs it whole.
     let custom = override_for(engine, "update", &data).map(|id| (id, data.clone()));
     let i: UpdateInput = decode!("stream::update", data);
     let ops = match ringcast_storage::update_ops::parse_ops(&i.ops) {
         Ok(ops) => ops,
         Err(e) => {
-            return now(Err(ErrorBody::new("deserialization_error", format!("Failed to deserialize input for stream::update: {e}"))))
+            return reply_now(Err(ErrorBody::new("deserialization_error", format!("Failed to deserialize input for stream::update: {e}"))))
         }
     };
     if let Some((custom, data)) = custom {
-        return custom_mutation(engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_UPDATE_ERROR"));
+        return custom_mutation(service, engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_UPDATE_ERROR"));
     }
-    route(engine, (i.stream_name, i.group_id), StoreOp::Update { item: i.item_id, ops }, "STREAM_UPDATE_ERROR")
+    route(service, engine, (i.stream_name, i.group_id), StoreOp::Update { item: i.item_id, ops }, "STREAM_UPDATE_ERROR")
 }
 
-fn stream_send(engine: &mut Engine, data: Value) -> BuiltinReply {
+fn stream_send(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
     let i: SendInput = decode!("stream::send", data);
     let op = StoreOp::Send { item: i.id, event_type: i.event_type, data: i.data };
-    route(engine, (i.stream_name, i.group_id), op, "STREAM_SEND_ERROR")
+    route(service, engine, (i.stream_name, i.group_id), op, "STREAM_SEND_ERROR")
 }
 
-fn stream_list_groups(engine: &mut Engine, data: Value) -> BuiltinReply {
+fn stream_list_groups(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
     if let Some(custom) = override_for(engine, "list_groups", &data) {
         let _: StreamInput = decode!("stream::list_groups", data.clone());
         return passthrough(engine, &custom, data);
     }
     let i: StreamInput = decode!("stream::list_groups", data);
-    let receivers: Vec<_> = service(engine)
+    let receivers: Vec<_> = service
         .shards
         .iter()
         .map(|shard| {
@@ -224,11 +235,11 @@ fn stream_list_groups(engine: &mut Engine, data: Value) -> BuiltinReply {
     }))
 }
 
-fn stream_list_all(engine: &mut Engine, data: Value) -> BuiltinReply {
+fn stream_list_all(service: &Rc<StreamService>, _engine: &mut Engine, data: Value) -> BuiltinReply {
     if data.is_null() {
-        return now(Err(ErrorBody::new("deserialization_error", "Failed to deserialize input for stream::list_all: expected an object")));
+        return reply_now(Err(ErrorBody::new("deserialization_error", "Failed to deserialize input for stream::list_all: expected an object")));
     }
-    let receivers: Vec<_> = service(engine)
+    let receivers: Vec<_> = service
         .shards
         .iter()
         .map(|shard| {
@@ -268,10 +279,18 @@ enum Mutation {
 
 /// A mutation served by a custom function: the engine still publishes the event and fires the
 /// triggers, from the `{old_value, new_value}` the function returns.
-fn custom_mutation(engine: &mut Engine, function_id: &str, data: Value, key: GroupKey, item: String, mutation: Mutation) -> BuiltinReply {
+fn custom_mutation(
+    service: &Rc<StreamService>,
+    engine: &mut Engine,
+    function_id: &str,
+    data: Value,
+    key: GroupKey,
+    item: String,
+    mutation: Mutation,
+) -> BuiltinReply {
     let rx = call_function(engine, function_id, data);
-    let service = service(engine);
-    let weak = engine.self_ref.clone();
+    let service = service.clone();
+    let weak = engine.weak_self();
     let error_code = match mutation {
         Mutation::Write(code) => code,
         Mutation::Delete => "STREAM_DELETE_ERROR",
@@ -359,7 +378,7 @@ fn fire_stream_triggers(engine: &Rc<RefCell<Engine>>, key: &GroupKey, frame: Byt
 }
 
 /// Serves the shards' requests to the control core until the channel closes.
-pub async fn serve_shard_requests(engine: Rc<RefCell<Engine>>, mut requests: futures_channel::mpsc::UnboundedReceiver<ControlRequest>) {
+pub async fn serve_shard_requests(engine: Rc<RefCell<Engine>>, mut requests: ShardRequests) {
     use futures_util::StreamExt;
     while let Some(request) = requests.next().await {
         let engine = engine.clone();
@@ -425,14 +444,101 @@ async fn call_within(
     match futures_lite::future::or(answered, given_up).await {
         Some(outcome) => outcome.unwrap_or_else(|_| Err(ErrorBody::new("invocation_error", "the call was dropped"))),
         None => {
-            let mut e = engine.borrow_mut();
-            if let Some(pending) = e.pending.remove(&id) {
-                if let Some(owner) = e.conns.get_mut(&pending.owner) {
-                    owner.owner_inflight.remove(&id);
-                }
-                e.note_pending();
-            }
+            engine.borrow_mut().abandon_invocation(id);
             Err(ErrorBody::new("invocation_timeout", format!("{function_id} gave no result within {} ms", limit.as_millis())))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::test_support::{engine, on_executor, settle, FakeWorker};
+    use futures_util::StreamExt;
+
+    const CALL_ID: &str = "3c9e5a77-1d2b-4f8e-a6c4-5b0d9e2f7a18";
+
+    /// An engine with the stream functions installed over one fake shard, whose inbox the test
+    /// reads.
+    fn stream_engine() -> (Rc<RefCell<Engine>>, futures_channel::mpsc::UnboundedReceiver<ShardMsg>) {
+        let engine = engine();
+        let (shard, inbox) = futures_channel::mpsc::unbounded();
+        install(&mut engine.borrow_mut(), StreamService { shards: vec![shard] });
+        (engine, inbox)
+    }
+
+    /// Runs `stream::set` on `stream` from `caller`, and answers it from the fake shard with
+    /// a `create` event.
+    async fn set_item(engine: &Rc<RefCell<Engine>>, inbox: &mut futures_channel::mpsc::UnboundedReceiver<ShardMsg>, caller: &FakeWorker, stream: &str) {
+        caller.send(engine, json!({
+            "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "stream::set",
+            "data": { "stream_name": stream, "group_id": "g", "item_id": "i1", "data": { "n": 1 } },
+        }));
+        let Some(ShardMsg::Store { key, reply, .. }) = inbox.next().await else { panic!("the set goes to the owner shard") };
+        assert_eq!(key, (stream.to_string(), "g".to_string()));
+        let event = format!(r#"{{"streamName":"{stream}","groupId":"g","id":"i1","event":{{"type":"create","data":{{"n":1}}}}}}"#);
+        let _ = reply.send(StoreReply { result: Ok(Some(json!({ "n": 1 }))), event: Some(ringcast_shards::wsframe::text_frame(event.as_bytes())) });
+        settle().await;
+    }
+
+    #[test]
+    fn a_stream_trigger_fires_only_for_its_stream() {
+        on_executor(|| async {
+            let (engine, mut inbox) = stream_engine();
+            let mut handler = FakeWorker::connect(&engine);
+            handler.register_function(&engine, "on::orders");
+            handler.send(&engine, json!({ "type": "registertrigger", "id": "t", "trigger_type": "stream", "function_id": "on::orders", "config": { "stream_name": "orders" } }));
+            let mut caller = FakeWorker::connect(&engine);
+
+            set_item(&engine, &mut inbox, &caller, "invoices").await;
+            assert_eq!(caller.next("invocationresult")["result"], json!({ "n": 1 }));
+            assert!(handler.drain().is_empty(), "another stream's event does not fire it");
+
+            set_item(&engine, &mut inbox, &caller, "orders").await;
+            assert_eq!(caller.next("invocationresult")["result"], json!({ "n": 1 }));
+            let fired = handler.next("invokefunction");
+            assert_eq!(fired["function_id"], "on::orders");
+            assert_eq!(fired["data"]["streamName"], "orders");
+            assert_eq!(fired["data"]["event"]["type"], "create");
+            handler.answer(&engine, &fired, Value::Null);
+            settle().await;
+        });
+    }
+
+    #[test]
+    fn a_stream_join_trigger_can_refuse_a_join() {
+        on_executor(|| async {
+            let (engine, _inbox) = stream_engine();
+            let (requests_tx, requests) = futures_channel::mpsc::unbounded();
+            glommio::spawn_local(serve_shard_requests(engine.clone(), requests)).detach();
+            let mut gate = FakeWorker::connect(&engine);
+            gate.register_function(&engine, "auth::join");
+            gate.send(&engine, json!({ "type": "registertrigger", "id": "j", "trigger_type": "stream:join", "function_id": "auth::join" }));
+
+            for (answer, authorized) in [(json!({ "unauthorized": true }), false), (json!({ "unauthorized": false }), true)] {
+                let (reply, verdict) = oneshot::channel();
+                let payload = json!({ "stream_name": "orders", "group_id": "g" });
+                let _ = requests_tx.unbounded_send(ControlRequest::Join { payload: payload.clone(), limit: std::time::Duration::from_secs(5), reply });
+                settle().await;
+                let call = gate.next("invokefunction");
+                assert_eq!((&call["function_id"], &call["data"]), (&json!("auth::join"), &payload));
+                gate.answer(&engine, &call, answer);
+                assert_eq!(verdict.await, Ok(authorized));
+            }
+        });
+    }
+
+    #[test]
+    fn the_stream_ids_are_reserved_once_installed() {
+        on_executor(|| async {
+            let (engine, _inbox) = stream_engine();
+            let mut worker = FakeWorker::connect(&engine);
+            worker.register_function(&engine, "stream::set");
+            assert_eq!(worker.next("registrationrejected")["function_id"], "stream::set");
+            // A custom stream function is not a builtin id: it stays open to workers.
+            worker.register_function(&engine, "stream::set(orders)");
+            assert!(worker.drain().is_empty());
+            settle().await;
+        });
     }
 }

@@ -1,14 +1,17 @@
-//! Invocation routing and result correlation (spec §4): sync, void and enqueue calls, the
-//! pending table keyed by invocation id, and how each call is answered.
+//! The invocation registry and invocation routing (spec §4): sync, void and enqueue calls, the
+//! pending table keyed by invocation id with its engine-side deadlines, result correlation, and
+//! how each call is answered.
 
-use super::builtins::{BuiltinReply, Handler};
-use super::engine::{ConnId, Engine};
-use super::registry::{is_blank, DEFAULT_NS};
+use super::engine::Engine;
+use super::functions::{BuiltinReply, Handler};
+use super::ns_map::{is_blank, DEFAULT_NS};
 use super::wire::{Action, ErrorBody, InvocationResult, InvokeFunction, Outbound, Payload};
+use super::workers::WorkerConnId;
+use futures_channel::oneshot;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use futures_channel::oneshot;
 use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -18,7 +21,7 @@ pub type Outcome = Result<Option<Value>, ErrorBody>;
 /// Who is told when an invocation completes.
 pub enum Reply {
     /// A worker waiting with its own invocation id.
-    Caller { conn: ConnId, invocation_id: String, function_id: String },
+    Caller { conn: WorkerConnId, invocation_id: String, function_id: String },
     /// An engine-internal caller (enqueue, triggers, other modules).
     Internal(oneshot::Sender<Outcome>),
     /// Nobody (void calls, trigger fires, callers that left).
@@ -27,8 +30,66 @@ pub enum Reply {
 
 /// An invocation forwarded to a worker, waiting for its `invocationresult`.
 pub struct Pending {
-    pub owner: ConnId,
+    pub owner: WorkerConnId,
     pub reply: Reply,
+}
+
+/// Invocations forwarded to workers and not answered yet.
+#[derive(Default)]
+pub struct Invocations {
+    pending: HashMap<Uuid, Pending>,
+    /// `(deadline, id)` of invocations under the engine-side timeout, in deadline order.
+    deadlines: VecDeque<(Instant, Uuid)>,
+}
+
+/// What [`Invocations::pop_due`] found.
+enum Due {
+    /// This invocation's deadline has passed (it may already be answered).
+    Expired(Uuid),
+    /// The next deadline is this far away.
+    In(Duration),
+    /// No deadline is set.
+    Nothing,
+}
+
+impl Invocations {
+    fn insert(&mut self, id: Uuid, pending: Pending, deadline: Option<Instant>) {
+        if let Some(deadline) = deadline {
+            self.deadlines.push_back((deadline, id));
+        }
+        self.pending.insert(id, pending);
+    }
+
+    pub fn contains(&self, id: &Uuid) -> bool {
+        self.pending.contains_key(id)
+    }
+
+    pub fn remove(&mut self, id: &Uuid) -> Option<Pending> {
+        self.pending.remove(id)
+    }
+
+    pub fn get_mut(&mut self, id: &Uuid) -> Option<&mut Pending> {
+        self.pending.get_mut(id)
+    }
+
+    /// Every pending invocation, removed.
+    fn drain(&mut self) -> Vec<Pending> {
+        self.deadlines.clear();
+        self.pending.drain().map(|(_, p)| p).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Takes the first deadline that has passed at `now`.
+    fn pop_due(&mut self, now: Instant) -> Due {
+        match self.deadlines.front() {
+            None => Due::Nothing,
+            Some(&(deadline, _)) if deadline > now => Due::In(deadline - now),
+            Some(_) => self.deadlines.pop_front().map_or(Due::Nothing, |(_, id)| Due::Expired(id)),
+        }
+    }
 }
 
 /// A call to route.
@@ -77,7 +138,7 @@ fn rewrite_baggage(baggage: Option<&str>, function_id: &str) -> Option<String> {
 
 impl Engine {
     /// An `invokefunction` from a worker.
-    pub fn invoke_from_worker(&mut self, conn: ConnId, m: InvokeFunction) {
+    pub fn invoke_from_worker(&mut self, conn: WorkerConnId, m: InvokeFunction) {
         let void = matches!(m.action, Some(Action::Void));
         // The caller's id, for the answer; void calls get none.
         let caller_id = if void { None } else { m.invocation_id.clone() };
@@ -117,7 +178,7 @@ impl Engine {
         }
         let mut data = m.data.map(Payload::Raw).unwrap_or_default();
         if data.is_object() {
-            if let Some(caller) = self.conns.get(&conn) {
+            if let Some(caller) = self.workers.get(conn) {
                 data = data.insert_str("_caller_worker_id", &caller.worker_id);
             }
         }
@@ -136,7 +197,7 @@ impl Engine {
     /// Routes a call to its function and arranges for `reply` to be answered.
     pub fn invoke(&mut self, call: Call, reply: Reply) {
         let handler = match self.functions.get(&call.namespace, &call.function_id) {
-            Some(f) => f.handler,
+            Some(f) => f.handler.clone(),
             None => {
                 let mut message = format!("Function {} not found in namespace {}.", call.function_id, call.namespace);
                 let elsewhere = self.functions.namespaces_holding(&call.function_id, &call.namespace);
@@ -161,7 +222,7 @@ impl Engine {
                 match run(self, data) {
                     BuiltinReply::Now(outcome) => self.complete(reply, outcome, None, None),
                     BuiltinReply::Later(fut) => {
-                        let engine = self.self_ref.clone();
+                        let engine = self.weak_self();
                         self.spawn(async move {
                             let outcome = fut.await;
                             if let Some(engine) = engine.upgrade() {
@@ -176,14 +237,14 @@ impl Engine {
     }
 
     /// Sends the call to the worker that owns the function and records it as pending.
-    fn forward(&mut self, owner: ConnId, call: Call, reply: Reply) {
+    fn forward(&mut self, owner: WorkerConnId, call: Call, reply: Reply) {
         let id = match call.forward_id {
-            Some(id) if !self.pending.contains_key(&id) => id,
+            Some(id) if !self.invocations.contains(&id) => id,
             _ => Uuid::new_v4(),
         };
         let id_text = id.hyphenated().to_string();
         let baggage = rewrite_baggage(call.baggage.as_deref(), &call.function_id);
-        let Some(owner_conn) = self.conns.get_mut(&owner) else {
+        let Some(owner_conn) = self.workers.get_mut(owner) else {
             self.complete(reply, Err(ErrorBody::new("channel_send_failed", "the function's worker is gone")), None, None);
             return;
         };
@@ -197,35 +258,33 @@ impl Engine {
             metadata: call.metadata.as_ref(),
         });
         if let Reply::Caller { conn, .. } = &reply {
-            if let Some(caller) = self.conns.get_mut(conn) {
+            if let Some(caller) = self.workers.get_mut(*conn) {
                 caller.caller_inflight.insert(id);
             }
         }
-        if let Some(timeout_ms) = self.config.invocation_timeout_ms {
-            self.deadlines.push_back((Instant::now() + Duration::from_millis(timeout_ms), id));
-        }
-        self.pending.insert(id, Pending { owner, reply });
+        let deadline = self.config.invocation_timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+        self.invocations.insert(id, Pending { owner, reply }, deadline);
         self.metrics.control.invocations_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.note_pending();
     }
 
     /// An `invocationresult` from the worker that ran a function.
-    pub fn invocation_result(&mut self, _conn: ConnId, m: InvocationResult) {
+    pub fn invocation_result(&mut self, _conn: WorkerConnId, m: InvocationResult) {
         let Ok(id) = Uuid::parse_str(&m.invocation_id) else {
             tracing::debug!(invocation_id = %m.invocation_id, "invocationresult with a non-UUID id dropped");
             return;
         };
         // Unknown ids (caller gone, halted, bogus) are dropped without noise.
-        let Some(pending) = self.pending.remove(&id) else { return };
+        let Some(pending) = self.invocations.remove(&id) else { return };
         self.note_pending();
-        if let Some(owner) = self.conns.get_mut(&pending.owner) {
+        if let Some(owner) = self.workers.get_mut(pending.owner) {
             owner.owner_inflight.remove(&id);
         }
         self.forget_caller(&pending.reply, &id);
         match pending.reply {
             // A worker waits: relay the owner's text as it is (an error wins over a result).
             Reply::Caller { conn, invocation_id, function_id } => {
-                let Some(caller) = self.conns.get(&conn) else { return };
+                let Some(caller) = self.workers.get(conn) else { return };
                 let (result, error) = match &m.error {
                     Some(error) => (None, Some(error.as_ref())),
                     None => (m.result.as_deref(), None),
@@ -256,7 +315,7 @@ impl Engine {
     /// Removes `id` from the waiting caller's in-flight set.
     pub fn forget_caller(&mut self, reply: &Reply, id: &Uuid) {
         if let Reply::Caller { conn, .. } = reply {
-            if let Some(caller) = self.conns.get_mut(conn) {
+            if let Some(caller) = self.workers.get_mut(*conn) {
                 caller.caller_inflight.remove(id);
             }
         }
@@ -281,14 +340,14 @@ impl Engine {
 
     fn reply_to_worker(
         &self,
-        conn: ConnId,
+        conn: WorkerConnId,
         invocation_id: &str,
         function_id: &str,
         outcome: Outcome,
         traceparent: Option<String>,
         baggage: Option<String>,
     ) {
-        let Some(caller) = self.conns.get(&conn) else { return };
+        let Some(caller) = self.workers.get(conn) else { return };
         let (result, error) = match &outcome {
             Ok(result) => (result.as_ref(), None),
             Err(e) => (None, Some(e)),
@@ -353,7 +412,7 @@ impl Engine {
         let mut call = Call::internal(DEFAULT_NS, PROVIDER, Value::Null, None);
         call.data = payload;
         self.invoke(call, Reply::Internal(tx));
-        let engine = self.self_ref.clone();
+        let engine = self.weak_self();
         self.spawn(async move {
             let outcome = match rx.await {
                 Ok(Ok(_)) => Ok(Some(serde_json::json!({ "messageReceiptId": receipt }))),
@@ -369,17 +428,13 @@ impl Engine {
     /// Fails invocations older than the configured engine-side timeout. Returns how long until
     /// the next deadline, if any.
     pub fn expire_invocations(&mut self, now: Instant) -> Option<Duration> {
-        while let Some(&(deadline, id)) = self.deadlines.front() {
-            if deadline > now {
-                return Some(deadline - now);
-            }
-            self.deadlines.pop_front();
-            if let Some(pending) = self.pending.remove(&id) {
-                self.note_pending();
-                if let Some(owner) = self.conns.get_mut(&pending.owner) {
-                    owner.owner_inflight.remove(&id);
-                }
-                self.forget_caller(&pending.reply, &id);
+        loop {
+            let id = match self.invocations.pop_due(now) {
+                Due::Expired(id) => id,
+                Due::In(wait) => return Some(wait),
+                Due::Nothing => return None,
+            };
+            if let Some(pending) = self.take_pending(&id) {
                 let timeout = self.config.invocation_timeout_ms.unwrap_or_default();
                 self.complete(
                     pending.reply,
@@ -389,7 +444,45 @@ impl Engine {
                 );
             }
         }
-        None
+    }
+
+    /// Removes a pending invocation and its marks on the owner and the caller.
+    fn take_pending(&mut self, id: &Uuid) -> Option<Pending> {
+        let pending = self.invocations.remove(id)?;
+        self.note_pending();
+        if let Some(owner) = self.workers.get_mut(pending.owner) {
+            owner.owner_inflight.remove(id);
+        }
+        self.forget_caller(&pending.reply, id);
+        Some(pending)
+    }
+
+    /// Gives up an engine-internal call that was forwarded with `forward_id` = `id`: its
+    /// pending entry goes, so a late result is dropped as unknown. The caller is not answered.
+    pub fn abandon_invocation(&mut self, id: Uuid) {
+        if let Some(pending) = self.invocations.remove(&id) {
+            if let Some(owner) = self.workers.get_mut(pending.owner) {
+                owner.owner_inflight.remove(&id);
+            }
+            self.note_pending();
+        }
+    }
+
+    /// Publishes the number of pending invocations to the metrics.
+    pub(super) fn note_pending(&self) {
+        self.metrics.control.invocations_in_flight.store(self.invocations.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Answers every waiting caller with `engine_shutdown` (shutdown).
+    pub(super) fn fail_all_invocations(&mut self) {
+        for pending in self.invocations.drain() {
+            self.complete(
+                pending.reply,
+                Err(ErrorBody::new("engine_shutdown", "ringcast is shutting down")),
+                None,
+                None,
+            );
+        }
     }
 }
 
@@ -425,6 +518,80 @@ fn decode_outcome(result: Option<Box<RawValue>>, error: Option<Box<RawValue>>, m
 #[cfg(test)]
 mod tests {
     use super::rewrite_baggage;
+    use crate::control::test_support::{engine, on_executor, settle, FakeWorker};
+    use serde_json::json;
+
+    const CALL_ID: &str = "6f1c7a52-3b1e-4c53-9d3a-2a0f3e0b9d11";
+
+    #[test]
+    fn a_call_goes_to_the_owner_and_its_result_back_to_the_caller() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut owner = FakeWorker::connect(&engine);
+            let mut caller = FakeWorker::connect(&engine);
+            owner.register_function(&engine, "math::add");
+            caller.send(&engine, json!({ "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "math::add", "data": { "a": 1 } }));
+            let call = owner.next("invokefunction");
+            assert_eq!(call["invocation_id"], CALL_ID, "a sync call keeps the caller's id on the hop");
+            assert_eq!(call["data"], json!({ "a": 1, "_caller_worker_id": caller.worker_id }));
+            assert!(caller.drain().is_empty(), "nothing for the caller before the result");
+            owner.answer(&engine, &call, json!(3));
+            let result = caller.next("invocationresult");
+            assert_eq!((&result["invocation_id"], &result["function_id"], &result["result"]), (&json!(CALL_ID), &json!("math::add"), &json!(3)));
+            // A second result for the same id is dropped: the call is answered once.
+            owner.answer(&engine, &call, json!(4));
+            assert!(caller.drain().is_empty());
+            settle().await;
+        });
+    }
+
+    #[test]
+    fn an_unknown_function_is_answered_function_not_found() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut caller = FakeWorker::connect(&engine);
+            caller.send(&engine, json!({ "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "nobody::home" }));
+            let result = caller.next("invocationresult");
+            assert_eq!(result["invocation_id"], CALL_ID);
+            assert_eq!(result["error"]["code"], "function_not_found");
+        });
+    }
+
+    #[test]
+    fn an_owner_that_disconnects_stops_its_invocations() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut owner = FakeWorker::connect(&engine);
+            let mut caller = FakeWorker::connect(&engine);
+            owner.register_function(&engine, "slow::job");
+            caller.send(&engine, json!({ "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "slow::job" }));
+            owner.next("invokefunction");
+            engine.borrow_mut().disconnect(owner.conn);
+            let result = caller.next("invocationresult");
+            assert_eq!(result["error"]["code"], "invocation_stopped");
+            // The function left with its worker.
+            caller.send(&engine, json!({ "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "slow::job" }));
+            assert_eq!(caller.next("invocationresult")["error"]["code"], "function_not_found");
+            settle().await;
+        });
+    }
+
+    #[test]
+    fn a_caller_that_disconnects_gets_nothing_and_the_owner_result_is_dropped() {
+        on_executor(|| async {
+            let engine = engine();
+            let mut owner = FakeWorker::connect(&engine);
+            let caller = FakeWorker::connect(&engine);
+            owner.register_function(&engine, "math::add");
+            caller.send(&engine, json!({ "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "math::add" }));
+            let call = owner.next("invokefunction");
+            engine.borrow_mut().disconnect(caller.conn);
+            owner.answer(&engine, &call, json!(3));
+            assert!(owner.drain().is_empty());
+            assert_eq!(engine.borrow().invocations.len(), 0);
+            settle().await;
+        });
+    }
 
     #[test]
     fn baggage_function_id_is_rewritten_to_the_target() {

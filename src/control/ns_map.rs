@@ -22,10 +22,6 @@ impl<T> NsMap<T> {
         self.inner.get(ns)?.get(id)
     }
 
-    pub fn get_mut(&mut self, ns: &str, id: &str) -> Option<&mut T> {
-        self.inner.get_mut(ns)?.get_mut(id)
-    }
-
     pub fn insert(&mut self, ns: &str, id: &str, value: T) -> Option<T> {
         self.inner.entry(ns.to_string()).or_default().insert(id.to_string(), value)
     }
