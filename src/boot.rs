@@ -28,7 +28,7 @@ struct StartError(String);
 
 impl From<ConfigError> for StartError {
     fn from(e: ConfigError) -> Self {
-        StartError(e.0)
+        StartError(e.to_string())
     }
 }
 
@@ -206,12 +206,9 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let mut stream_fds = Vec::new();
     let mut stream_addr = None;
     if let Some(stream) = &config.stream {
-        let kv = stream.kv()?;
-        if kv.save_interval_ms.is_some() || kv.channel_size.is_some() {
-            tracing::info!("iii-stream: save_interval_ms and channel_size are accepted and ignored (ringcast writes through; see `durability`)");
-        }
+        let kv = stream.kv();
         if kv.store_method == config::StoreMethod::FileBased {
-            crate::stream::store::prepare(&kv, plan.shard_cpus.len()).map_err(StartError)?;
+            crate::stream::store::prepare(kv, plan.shard_cpus.len()).map_err(StartError)?;
         }
         for _ in &plan.shard_cpus {
             let (fd, addr) = bind(&stream.host, stream.port, "iii-stream", true)?;

@@ -2,9 +2,9 @@
 //! ringcast's typed configuration. Recognised workers are validated strictly; other iii workers
 //! are reported as unsupported and start nothing.
 
-use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::path::Path;
+use serde::de::{DeserializeOwned, Deserializer, IgnoredAny};
+use serde::{Deserialize, Serialize, Serializer};
+use std::path::{Path, PathBuf};
 
 /// The config used when no `--config` is given and `./config.yaml` does not exist.
 pub const EMBEDDED_DEFAULT: &str = "\
@@ -24,17 +24,47 @@ workers:
           store_method: in_memory
 ";
 
-/// A configuration error, already phrased for the user.
-#[derive(Debug)]
-pub struct ConfigError(pub String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why a config cannot be used. Every variant is a start-up error; `Display` is the line the
+/// user sees (`error: …` from `check-config`, the log line and exit code 2 at start-up).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    /// `${NAME}` without a default, and `NAME` is not set.
+    #[error("{origin}: {variable}")]
+    UnsetVariable { origin: String, variable: UnsetVariable },
+    /// Not YAML, or not the layout of a config file (an unknown top-level key, a worker without
+    /// a name): the parser's message, which names the line when it knows it (`line`).
+    #[error("{origin}: invalid config: {message}")]
+    Syntax { origin: String, line: Option<usize>, message: String },
+    /// A key that `section` (e.g. `worker iii-stream`) does not have; `message` lists the
+    /// keys it has.
+    #[error("{origin}: {section}: {message}")]
+    UnknownKey { origin: String, section: String, key: String, message: String },
+    /// A value of the wrong type or out of range; `key` names it when the block is a mapping.
+    #[error("{origin}: {section}: {}{message}", key.as_deref().map(|k| format!("{k}: ")).unwrap_or_default())]
+    InvalidValue { origin: String, section: String, key: Option<String>, message: String },
+    /// A key of the reference's `iii-worker-manager` that ringcast deliberately lacks.
+    #[error("{origin}: iii-worker-manager.{key} is not supported by ringcast; remove it")]
+    UnsupportedKey { origin: String, key: &'static str },
+    /// An `iii-stream` adapter other than `kv`.
+    #[error("{origin}: iii-stream: adapter {name:?} is not available in this build of ringcast (available: kv)")]
+    UnknownAdapter { origin: String, name: String },
+    /// `metrics:` that is neither a boolean nor an address (`found`, as parsed).
+    #[error("{origin}: metrics must be false or \"host:port\", not {found}")]
+    InvalidMetrics { origin: String, found: String },
 }
 
-impl std::error::Error for ConfigError {}
+/// `${NAME}` without a default where `NAME` is not set (see [`interpolate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: environment variable {name} is not set and ${{{name}}} has no default (write ${{{name}:default}})")]
+pub struct UnsetVariable {
+    /// 1-based line of the file.
+    pub line: usize,
+    pub name: String,
+}
 
 /// Everything the engine needs from the config file.
 #[derive(Debug, Clone, Serialize)]
@@ -109,8 +139,10 @@ pub struct StreamConfig {
     pub port: u16,
     #[serde(default)]
     pub auth_function: Option<String>,
-    #[serde(default)]
-    pub adapter: Option<AdapterConfig>,
+    /// The store behind the stream groups. Deserialising a `StreamConfig` alone only checks
+    /// the block's shape and leaves the default here; [`parse`] reads and validates it.
+    #[serde(default, deserialize_with = "adapter_shape")]
+    pub adapter: Adapter,
     /// Reject the upgrade with 401 when the auth function fails or returns no context
     /// (default: fail-open, as the reference).
     #[serde(default)]
@@ -128,9 +160,12 @@ pub struct StreamConfig {
     /// Bytes that may wait in one subscriber's outbound queue.
     #[serde(default = "default_max_queue_bytes")]
     pub max_queue_bytes: usize,
-    /// What happens to a subscriber whose queue passes `max_queue_bytes`.
-    #[serde(default)]
-    pub slow_subscriber: SlowSubscriberPolicy,
+    /// `slow_subscriber:`, the reference's policy for a subscriber whose queue passes
+    /// `max_queue_bytes`: ringcast has one, `close` (4008 `slow subscriber`), so the key is
+    /// accepted with that value only and holds nothing (public so that other modules may
+    /// still build a `StreamConfig { .., ..Default::default() }`).
+    #[serde(default, deserialize_with = "close_only", serialize_with = "write_close")]
+    pub slow_subscriber: (),
     /// Largest item value `stream::set`/`update` store.
     #[serde(default = "default_max_value_bytes")]
     pub max_value_bytes: usize,
@@ -160,13 +195,18 @@ pub struct StreamConfig {
     pub trigger_timeout_ms: u64,
 }
 
-/// Policy for a subscriber that cannot keep up.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SlowSubscriberPolicy {
-    /// Close it with code 4008 `slow subscriber` (counted in the log); others are unaffected.
-    #[default]
-    Close,
+/// `slow_subscriber: close`, the one value accepted.
+fn close_only<'de, D: Deserializer<'de>>(deserializer: D) -> Result<(), D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Policy {
+        Close,
+    }
+    Policy::deserialize(deserializer).map(|Policy::Close| ())
+}
+
+fn write_close<S: Serializer>(_: &(), serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str("close")
 }
 
 impl Default for StreamConfig {
@@ -198,35 +238,93 @@ pub enum StoreMethod {
     FileBased,
 }
 
-/// `adapter: {name: kv, config: …}`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// The `iii-stream` adapter: where stream items are kept. Printed by `check-config` as the file
+/// writes it (`name: kv`, `config: {…}`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "name", content = "config", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Adapter {
+    /// `name: kv`: in memory or the file store.
+    Kv(KvConfig),
+}
+
+impl Default for Adapter {
+    fn default() -> Self {
+        Adapter::Kv(KvConfig::default())
+    }
+}
+
+/// Settings of the `kv` adapter (`adapter: {name: kv, config: …}`), validated.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KvConfig {
-    #[serde(default)]
     pub store_method: StoreMethod,
     /// Directory of the file store (one subdirectory per shard).
-    #[serde(default = "default_file_path")]
     pub file_path: String,
-    /// Reference settings of its periodic flush; ringcast writes through, so they do nothing.
-    #[serde(default)]
-    pub save_interval_ms: Option<u64>,
-    #[serde(default)]
-    pub channel_size: Option<u64>,
-    #[serde(default)]
     pub durability: Durability,
     /// Longest a write waits for its group commit to start.
-    #[serde(default = "default_batch_max_delay_us")]
     pub batch_max_delay_us: u64,
-    #[serde(default = "default_segment_size")]
+    /// Size of a new segment file (at least 1 byte; a larger record gets a segment of its own).
     pub segment_size: u64,
-    /// Dead fraction of a sealed segment above which compaction rewrites it.
-    #[serde(default = "default_compaction_threshold")]
+    /// Dead fraction (0 to 1) of a sealed segment above which compaction rewrites it.
     pub compaction_threshold: f64,
 }
 
 impl Default for KvConfig {
     fn default() -> Self {
-        serde_yaml::from_str("{}").expect("all kv settings have defaults")
+        KvSettings::default().validate().expect("the kv defaults are valid")
+    }
+}
+
+/// The `kv` block as written: [`KvConfig`]'s keys plus those accepted and ignored.
+#[derive(Deserialize)]
+#[serde(rename = "KvConfig", deny_unknown_fields, default)]
+struct KvSettings {
+    store_method: StoreMethod,
+    file_path: String,
+    /// Reference settings of its periodic flush; ringcast writes through, so they do nothing.
+    save_interval_ms: Option<u64>,
+    channel_size: Option<u64>,
+    durability: Durability,
+    batch_max_delay_us: u64,
+    segment_size: u64,
+    compaction_threshold: f64,
+}
+
+impl Default for KvSettings {
+    fn default() -> Self {
+        KvSettings {
+            store_method: StoreMethod::default(),
+            file_path: default_file_path(),
+            save_interval_ms: None,
+            channel_size: None,
+            durability: Durability::default(),
+            batch_max_delay_us: default_batch_max_delay_us(),
+            segment_size: default_segment_size(),
+            compaction_threshold: default_compaction_threshold(),
+        }
+    }
+}
+
+impl KvSettings {
+    /// The settings as [`KvConfig`], or the key whose value cannot be used and why.
+    fn validate(self) -> Result<KvConfig, (&'static str, String)> {
+        if self.segment_size == 0 {
+            return Err(("segment_size", "must be at least 1 byte".into()));
+        }
+        if !(0.0..=1.0).contains(&self.compaction_threshold) {
+            return Err((
+                "compaction_threshold",
+                format!("must be a fraction from 0 to 1, not {}", self.compaction_threshold),
+            ));
+        }
+        Ok(KvConfig {
+            store_method: self.store_method,
+            file_path: self.file_path,
+            durability: self.durability,
+            batch_max_delay_us: self.batch_max_delay_us,
+            segment_size: self.segment_size,
+            compaction_threshold: self.compaction_threshold,
+        })
     }
 }
 
@@ -244,30 +342,55 @@ fn default_compaction_threshold() -> f64 {
 }
 
 impl StreamConfig {
-    /// The `kv` adapter settings (defaults when no adapter is configured).
-    pub fn kv(&self) -> Result<KvConfig, ConfigError> {
-        let Some(adapter) = &self.adapter else { return Ok(KvConfig::default()) };
-        if adapter.name != "kv" {
-            return Err(ConfigError(format!(
-                "iii-stream: adapter {:?} is not available in this build of ringcast (available: kv)",
-                adapter.name
-            )));
-        }
-        match &adapter.config {
-            None | Some(serde_yaml::Value::Null) => Ok(KvConfig::default()),
-            Some(config) => serde_yaml::from_value(config.clone())
-                .map_err(|e| ConfigError(format!("iii-stream: adapter kv: {e}"))),
+    /// The `kv` adapter settings (the defaults when the file configures no adapter).
+    pub fn kv(&self) -> &KvConfig {
+        match &self.adapter {
+            Adapter::Kv(kv) => kv,
         }
     }
 }
 
-/// `adapter: {name, config}` of the stream module.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdapterConfig {
-    pub name: String,
+/// `adapter: {name, config}` as the stream block must lay it out; its content is read by
+/// [`parse_adapter`].
+#[derive(Deserialize)]
+#[serde(rename = "AdapterConfig", deny_unknown_fields)]
+#[allow(dead_code)] // only checked, not kept
+struct AdapterShape {
+    name: String,
     #[serde(default)]
-    pub config: Option<serde_yaml::Value>,
+    config: Option<IgnoredAny>,
+}
+
+/// Checks the shape of `adapter:` while the stream block is decoded (so its errors read as
+/// the block's); the default stands in until [`parse_adapter`] reads it.
+fn adapter_shape<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Adapter, D::Error> {
+    Option::<AdapterShape>::deserialize(deserializer).map(|_| Adapter::default())
+}
+
+/// Reads and validates `adapter:` of an `iii-stream` block whose shape is already checked.
+fn parse_adapter(stream_block: &serde_yaml::Value, origin: &str) -> Result<Adapter, ConfigError> {
+    let Some(adapter) = stream_block.get("adapter").filter(|a| !a.is_null()) else {
+        return Ok(Adapter::default());
+    };
+    let name = adapter.get("name").and_then(serde_yaml::Value::as_str).unwrap_or_default();
+    if name != "kv" {
+        return Err(ConfigError::UnknownAdapter { origin: origin.to_owned(), name: name.to_owned() });
+    }
+    let section = "iii-stream: adapter kv";
+    let settings: KvSettings = match adapter.get("config") {
+        None | Some(serde_yaml::Value::Null) => KvSettings::default(),
+        Some(block) => decode_section(block, section, origin)?,
+    };
+    if settings.save_interval_ms.is_some() || settings.channel_size.is_some() {
+        tracing::info!("iii-stream: save_interval_ms and channel_size are accepted and ignored (ringcast writes through; see `durability`)");
+    }
+    let kv = settings.validate().map_err(|(key, message)| ConfigError::InvalidValue {
+        origin: origin.to_owned(),
+        section: section.to_owned(),
+        key: Some(key.to_owned()),
+        message,
+    })?;
+    Ok(Adapter::Kv(kv))
 }
 
 fn default_worker_host() -> String {
@@ -371,24 +494,27 @@ const UNSUPPORTED_WORKER_MANAGER_KEYS: &[&str] = &["rbac", "middleware_function_
 
 /// Reads and parses a config file from disk.
 pub fn load(path: &Path) -> Result<EngineConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError(format!("cannot read config file {}: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Unreadable { path: path.to_owned(), source })?;
     parse(&text, &path.display().to_string())
 }
 
 /// Parses config text; `origin` names the file in error messages.
 pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
     let expanded = interpolate(text, |name| std::env::var(name).ok())
-        .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
-    let raw: RawFile = serde_yaml::from_str(&expanded)
-        .map_err(|e| ConfigError(format!("{origin}: invalid config: {e}")))?;
+        .map_err(|variable| ConfigError::UnsetVariable { origin: origin.to_owned(), variable })?;
+    let raw: RawFile = serde_yaml::from_str(&expanded).map_err(|e| ConfigError::Syntax {
+        origin: origin.to_owned(),
+        line: e.location().map(|l| l.line()),
+        message: e.to_string(),
+    })?;
 
     let mut worker_manager: Option<WorkerManagerConfig> = None;
     let mut stream: Option<StreamConfig> = None;
     let mut unsupported_workers = Vec::new();
     for worker in raw.workers.into_iter().chain(raw.modules) {
         let config = worker.config.unwrap_or(serde_yaml::Value::Null);
+        let section = format!("worker {}", worker.name);
         match worker.name.as_str() {
             "iii-worker-manager" => {
                 if worker_manager.is_some() {
@@ -399,19 +525,15 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
                     continue;
                 }
                 if let serde_yaml::Value::Mapping(map) = &config {
-                    for key in UNSUPPORTED_WORKER_MANAGER_KEYS {
-                        if map.contains_key(*key) {
-                            return Err(ConfigError(format!(
-                                "{origin}: iii-worker-manager.{key} is not supported by ringcast; remove it"
-                            )));
-                        }
+                    if let Some(key) = UNSUPPORTED_WORKER_MANAGER_KEYS.iter().find(|key| map.contains_key(**key)) {
+                        return Err(ConfigError::UnsupportedKey { origin: origin.to_owned(), key });
                     }
                 }
-                worker_manager = Some(typed_section(config, &worker.name, origin)?);
+                worker_manager = Some(decode_section(&config, &section, origin)?);
             }
             "iii-stream" => {
-                let parsed: StreamConfig = typed_section(config, &worker.name, origin)?;
-                parsed.kv().map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+                let mut parsed: StreamConfig = decode_section(&config, &section, origin)?;
+                parsed.adapter = parse_adapter(&config, origin)?;
                 stream = Some(parsed);
             }
             other => unsupported_workers.push(other.to_string()),
@@ -422,9 +544,7 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
         Some(serde_yaml::Value::Bool(false)) => None,
         Some(serde_yaml::Value::String(addr)) => Some(addr),
         Some(other) => {
-            return Err(ConfigError(format!(
-                "{origin}: metrics must be false or \"host:port\", not {other:?}"
-            )))
+            return Err(ConfigError::InvalidMetrics { origin: origin.to_owned(), found: format!("{other:?}") })
         }
     };
     Ok(EngineConfig {
@@ -435,18 +555,42 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
     })
 }
 
-/// Decodes one worker's `config:` block; an absent block means all defaults.
-fn typed_section<T: serde::de::DeserializeOwned>(
-    config: serde_yaml::Value,
-    worker: &str,
+/// Decodes one block (a worker's `config:`, the kv adapter's `config:`) named `section` in
+/// errors; an absent block means all defaults.
+fn decode_section<T: DeserializeOwned>(
+    block: &serde_yaml::Value,
+    section: &str,
     origin: &str,
 ) -> Result<T, ConfigError> {
-    let config = match config {
+    let block = match block {
         serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
-        other => other,
+        other => other.clone(),
     };
-    serde_yaml::from_value(config)
-        .map_err(|e| ConfigError(format!("{origin}: worker {worker}: {e}")))
+    serde_yaml::from_value(block.clone()).map_err(|e| {
+        let message = e.to_string();
+        let (origin, section) = (origin.to_owned(), section.to_owned());
+        // serde's own wording for a key that a struct does not have (here or in a block inside).
+        let unknown = message.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`'));
+        match unknown {
+            Some((key, _)) => ConfigError::UnknownKey { origin, section, key: key.to_owned(), message },
+            None => ConfigError::InvalidValue { origin, section, key: offending_key::<T>(&block), message },
+        }
+    })
+}
+
+/// The key of a mapping `block` that `T` rejects. Every setting has a default, so each entry
+/// can be decoded alone: the first that fails alone is the one to name.
+fn offending_key<T: DeserializeOwned>(block: &serde_yaml::Value) -> Option<String> {
+    let serde_yaml::Value::Mapping(map) = block else { return None };
+    map.iter()
+        .find(|(key, value)| {
+            let alone = serde_yaml::Mapping::from_iter([((*key).clone(), (*value).clone())]);
+            serde_yaml::from_value::<T>(serde_yaml::Value::Mapping(alone)).is_err()
+        })
+        .map(|(key, _)| match key {
+            serde_yaml::Value::String(name) => name.clone(),
+            other => serde_yaml::to_string(other).unwrap_or_default().trim_end().to_owned(),
+        })
 }
 
 /// Expands `${NAME}` and `${NAME:default}` textually, before YAML parsing, as the reference does
@@ -455,7 +599,7 @@ fn typed_section<T: serde::de::DeserializeOwned>(
 pub fn interpolate(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, String> {
+) -> Result<String, UnsetVariable> {
     let mut out = String::with_capacity(text.len());
     for (index, line) in text.split_inclusive('\n').enumerate() {
         if line.trim_start().starts_with('#') {
@@ -479,12 +623,7 @@ pub fn interpolate(
             match (lookup(name), default) {
                 (Some(value), _) => out.push_str(&value),
                 (None, Some(default)) => out.push_str(default),
-                (None, None) => {
-                    return Err(format!(
-                        "line {}: environment variable {name} is not set and ${{{name}}} has no default (write ${{{name}:default}})",
-                        index + 1
-                    ))
-                }
+                (None, None) => return Err(UnsetVariable { line: index + 1, name: name.to_owned() }),
             }
             rest = &after[end + 1..];
         }
@@ -515,8 +654,9 @@ mod tests {
     #[test]
     fn unset_variable_without_default_names_variable_and_line() {
         let err = interpolate("workers:\n  port: ${MISSING}\n", env).unwrap_err();
-        assert!(err.contains("line 2"), "{err}");
-        assert!(err.contains("MISSING"), "{err}");
+        assert_eq!(err, UnsetVariable { line: 2, name: "MISSING".into() });
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert!(err.to_string().contains("MISSING"), "{err}");
     }
 
     #[test]
@@ -551,8 +691,9 @@ mod tests {
             "t",
         )
         .unwrap_err();
-        assert!(err.0.contains("prot"), "{err}");
-        assert!(err.0.contains("iii-worker-manager"), "{err}");
+        assert!(matches!(&err, ConfigError::UnknownKey { key, .. } if key == "prot"), "{err:?}");
+        assert!(err.to_string().contains("prot"), "{err}");
+        assert!(err.to_string().contains("iii-worker-manager"), "{err}");
     }
 
     #[test]
@@ -562,7 +703,8 @@ mod tests {
             "t",
         )
         .unwrap_err();
-        assert!(err.0.contains("not supported"), "{err}");
+        assert!(matches!(err, ConfigError::UnsupportedKey { key: "rbac", .. }), "{err:?}");
+        assert!(err.to_string().contains("not supported"), "{err}");
     }
 
     #[test]
@@ -580,22 +722,146 @@ mod tests {
         assert_eq!(parse("workers: []\n", "t").unwrap().metrics.as_deref(), Some(DEFAULT_METRICS_ADDR));
         assert_eq!(parse("metrics: false\n", "t").unwrap().metrics, None);
         assert_eq!(parse("metrics: 127.0.0.1:9999\n", "t").unwrap().metrics.as_deref(), Some("127.0.0.1:9999"));
-        assert!(parse("metrics: 5\n", "t").is_err());
+        let err = parse("metrics: 5\n", "t").unwrap_err();
+        assert!(matches!(err, ConfigError::InvalidMetrics { .. }), "{err:?}");
+        assert_eq!(err.to_string(), "t: metrics must be false or \"host:port\", not Number(5)");
     }
 
     #[test]
     fn kv_adapter_settings_are_checked_at_parse_time() {
         let text = "workers:\n  - name: iii-stream\n    config:\n      adapter:\n        name: kv\n        config: {store_method: file_based, file_path: /tmp/x, durability: always, save_interval_ms: 5000}\n";
-        let kv = parse(text, "t").unwrap().stream.unwrap().kv().unwrap();
+        let stream = parse(text, "t").unwrap().stream.unwrap();
+        let kv = stream.kv();
         assert_eq!((kv.store_method, kv.durability), (StoreMethod::FileBased, Durability::Always));
         assert!(parse(&text.replace("always", "sometimes"), "t").is_err());
-        assert!(parse(&text.replace("name: kv", "name: redis"), "t").unwrap_err().0.contains("not available"));
-        let defaults = StreamConfig::default().kv().unwrap();
+        assert!(parse(&text.replace("name: kv", "name: redis"), "t").unwrap_err().to_string().contains("not available"));
+        let defaults = StreamConfig::default();
+        let defaults = defaults.kv();
         assert_eq!((defaults.store_method, defaults.durability, defaults.batch_max_delay_us), (StoreMethod::InMemory, Durability::Batch, 1000));
     }
 
     #[test]
     fn unknown_top_level_key_is_an_error() {
         assert!(parse("wrokers: []\n", "t").is_err());
+    }
+
+    /// A config with one `iii-stream` worker whose kv adapter block is `kv` (flow style).
+    fn with_kv(kv: &str) -> String {
+        format!("workers:\n  - name: iii-stream\n    config:\n      adapter:\n        name: kv\n        config: {kv}\n")
+    }
+
+    fn kv_of(text: &str) -> KvConfig {
+        parse(text, "t").unwrap().stream.unwrap().kv().clone()
+    }
+
+    #[test]
+    fn kv_defaults_apply_without_adapter_block_or_config() {
+        let expected = KvConfig {
+            store_method: StoreMethod::InMemory,
+            file_path: "kv_store_data.db".into(),
+            durability: Durability::Batch,
+            batch_max_delay_us: 1_000,
+            segment_size: 64 << 20,
+            compaction_threshold: 0.5,
+        };
+        assert_eq!(KvConfig::default(), expected);
+        assert_eq!(kv_of("workers:\n  - name: iii-stream\n"), expected);
+        assert_eq!(kv_of("workers:\n  - name: iii-stream\n    config: {adapter: null}\n"), expected);
+        assert_eq!(kv_of("workers:\n  - name: iii-stream\n    config:\n      adapter: {name: kv}\n"), expected);
+        assert_eq!(kv_of(&with_kv("{}")), expected);
+    }
+
+    #[test]
+    fn every_kv_key_is_read() {
+        let kv = kv_of(&with_kv(
+            "{store_method: file_based, file_path: data, durability: none, batch_max_delay_us: 7, segment_size: 4096, compaction_threshold: 0.25}",
+        ));
+        assert_eq!(
+            kv,
+            KvConfig {
+                store_method: StoreMethod::FileBased,
+                file_path: "data".into(),
+                durability: Durability::None,
+                batch_max_delay_us: 7,
+                segment_size: 4096,
+                compaction_threshold: 0.25,
+            }
+        );
+        // Accepted and ignored (ringcast writes through).
+        assert_eq!(kv_of(&with_kv("{save_interval_ms: 5000, channel_size: 64}")), KvConfig::default());
+    }
+
+    #[test]
+    fn an_invalid_durability_names_the_key() {
+        let err = parse(&with_kv("{durability: sometimes}"), "t").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::InvalidValue { key: Some(key), section, .. } if key == "durability" && section == "iii-stream: adapter kv"),
+            "{err:?}"
+        );
+        assert!(err.to_string().starts_with("t: iii-stream: adapter kv: durability: unknown variant `sometimes`"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_the_key() {
+        let err = parse(&with_kv("{store_method: file_based, segment_size: big}"), "t").unwrap_err();
+        assert!(matches!(&err, ConfigError::InvalidValue { key: Some(key), .. } if key == "segment_size"), "{err:?}");
+        assert!(err.to_string().contains("segment_size: invalid type"), "{err}");
+        let err = parse("workers:\n  - name: iii-worker-manager\n    config: {host: h, port: abc}\n", "t").unwrap_err();
+        assert_eq!(err.to_string(), "t: worker iii-worker-manager: port: invalid type: string \"abc\", expected u16");
+        // A block that is not a mapping has no key to name.
+        let err = parse(&with_kv("5"), "t").unwrap_err();
+        assert!(matches!(&err, ConfigError::InvalidValue { key: None, .. }), "{err:?}");
+    }
+
+    #[test]
+    fn out_of_range_kv_values_are_refused() {
+        let err = parse(&with_kv("{compaction_threshold: 1.5}"), "t").unwrap_err();
+        assert!(matches!(&err, ConfigError::InvalidValue { key: Some(key), .. } if key == "compaction_threshold"), "{err:?}");
+        assert!(err.to_string().contains("compaction_threshold: must be a fraction"), "{err}");
+        let err = parse(&with_kv("{segment_size: 0}"), "t").unwrap_err();
+        assert!(matches!(&err, ConfigError::InvalidValue { key: Some(key), .. } if key == "segment_size"), "{err:?}");
+    }
+
+    #[test]
+    fn unknown_kv_key_and_unknown_adapter_are_typed() {
+        let err = parse(&with_kv("{segmnt_size: 1}"), "t").unwrap_err();
+        assert!(matches!(&err, ConfigError::UnknownKey { key, .. } if key == "segmnt_size"), "{err:?}");
+        assert!(err.to_string().starts_with("t: iii-stream: adapter kv: unknown field `segmnt_size`, expected one of"), "{err}");
+        let err = parse(&with_kv("{}").replace("name: kv", "name: redis"), "t").unwrap_err();
+        assert!(matches!(&err, ConfigError::UnknownAdapter { name, .. } if name == "redis"), "{err:?}");
+        // The adapter block's own layout is checked with the stream block.
+        let err = parse("workers:\n  - name: iii-stream\n    config:\n      adapter: {nme: kv}\n", "t").unwrap_err();
+        assert!(matches!(&err, ConfigError::UnknownKey { key, .. } if key == "nme"), "{err:?}");
+    }
+
+    #[test]
+    fn slow_subscriber_accepts_close_only() {
+        let stream = |policy: &str| parse(&format!("workers:\n  - name: iii-stream\n    config: {{slow_subscriber: {policy}}}\n"), "t");
+        assert!(stream("close").is_ok());
+        let err = stream("drop").unwrap_err();
+        assert!(matches!(&err, ConfigError::InvalidValue { key: Some(key), .. } if key == "slow_subscriber"), "{err:?}");
+        assert!(err.to_string().contains("expected `close`"), "{err}");
+    }
+
+    #[test]
+    fn syntax_unreadable_and_unset_variable_errors_are_typed() {
+        let err = parse("workers: [\n", "t").unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { line: Some(2), .. }), "{err:?}");
+        assert!(err.to_string().starts_with("t: invalid config: "), "{err}");
+        let err = parse("wrokers: []\n", "t").unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }) && err.to_string().contains("wrokers"), "{err:?}");
+        let err = load(Path::new("/nonexistent/ringcast.yaml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Unreadable { .. }), "{err:?}");
+        assert!(err.to_string().starts_with("cannot read config file /nonexistent/ringcast.yaml: "), "{err}");
+        let err = parse("a: ${RINGCAST_TEST_SURELY_UNSET}\n", "t").unwrap_err();
+        assert!(matches!(&err, ConfigError::UnsetVariable { variable, .. } if variable.line == 1 && variable.name == "RINGCAST_TEST_SURELY_UNSET"), "{err:?}");
+        assert!(err.to_string().starts_with("t: line 1: environment variable RINGCAST_TEST_SURELY_UNSET is not set"), "{err}");
+    }
+
+    #[test]
+    fn effective_config_prints_the_adapter_as_written() {
+        let text = serde_yaml::to_string(&parse(&with_kv("{store_method: file_based}"), "t").unwrap()).unwrap();
+        assert!(text.contains("adapter:\n    name: kv\n    config:\n      store_method: file_based\n"), "{text}");
+        assert!(text.contains("slow_subscriber: close\n"), "{text}");
     }
 }

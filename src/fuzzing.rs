@@ -109,12 +109,12 @@ pub fn query_params(query: &str) -> serde_json::Map<String, serde_json::Value> {
 
 /// The config file parser (`${VAR}` expansion from the process environment, YAML, validation).
 pub fn config(text: &str) -> Result<crate::config::EngineConfig, String> {
-    crate::config::parse(text, "fuzz.yaml").map_err(|e| e.0)
+    crate::config::parse(text, "fuzz.yaml").map_err(|e| e.to_string())
 }
 
 /// `${VAR}` expansion alone, with a fixed lookup (`SET` = `value`, everything else unset).
 pub fn config_interpolate(text: &str) -> Result<String, String> {
-    crate::config::interpolate(text, |name| (name == "SET").then(|| "value".to_owned()))
+    crate::config::interpolate(text, |name| (name == "SET").then(|| "value".to_owned())).map_err(|e| e.to_string())
 }
 
 /// A store directory removed when dropped (a recovery error included).

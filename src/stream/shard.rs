@@ -376,7 +376,7 @@ impl Shard {
         self.committing = true;
         let shard = self.self_ref.clone();
         let gather_limit = match self.durability {
-            Durability::Batch => Duration::from_micros(self.ctx.config.kv().map(|kv| kv.batch_max_delay_us).unwrap_or(0)),
+            Durability::Batch => Duration::from_micros(self.ctx.config.kv().batch_max_delay_us),
             _ => Duration::ZERO,
         };
         crate::control::engine::spawn_deferred(async move {
@@ -766,7 +766,7 @@ pub async fn run(
 ) -> Result<(), String> {
     use std::os::fd::{FromRawFd, IntoRawFd};
     let index = ctx.index;
-    let kv = ctx.config.kv().unwrap_or_default();
+    let kv = ctx.config.kv().clone();
     let store = super::store::open_for_shard(&kv, index)?;
     let stall_timeout = Duration::from_millis(ctx.config.slow_subscriber_timeout_ms);
     let durability = if super::store::needs_commit(&kv) { kv.durability } else { Durability::None };

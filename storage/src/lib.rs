@@ -8,23 +8,35 @@ pub mod file;
 pub mod memory;
 pub mod update_ops;
 
-use std::fmt;
+use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// A stored item: the JSON text of its value (object keys sorted, as serde_json writes them).
 pub type Json = Arc<str>;
 
-/// A storage failure, phrased for the caller.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoreError(pub String);
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why a store refused a write (or, for a failed store, a read). `Display` is the text that
+/// `stream::*` results carry under `STREAM_STORE_ERROR`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The record format cannot hold this write: a name or the value is too long.
+    #[error(transparent)]
+    TooLarge(#[from] file::FormatError),
+    /// A file operation of the store in `dir` failed; the store is unchanged and still serves.
+    #[error("file store {}: {source}", dir.display())]
+    Io { dir: PathBuf, #[source] source: io::Error },
+    /// Fail-stop: an `fdatasync` of the store in `dir` failed (`why`), so it serves nothing
+    /// more until the engine restarts (see `file::sync`).
+    #[error("file store {} failed ({why}) and serves nothing more; restart the engine", dir.display())]
+    Failed { dir: PathBuf, why: String },
+    /// Compaction met a damaged record in `file`; the segment is left as it is.
+    #[error("compaction found a corrupt record in {} at byte offset {offset}", file.display())]
+    Corrupt { file: PathBuf, offset: u64 },
+    /// Re-homing was given an owner index `to` past the stores it was given.
+    #[error("re-homing: no store {to} for {stream}/{group}")]
+    NoOwner { to: usize, stream: String, group: String },
 }
-
-impl std::error::Error for StoreError {}
 
 /// The store of one shard: `stream -> group -> item -> value`, groups keeping the insertion order
 /// of their items (an overwrite keeps the position, a delete closes the gap). A group whose last

@@ -30,7 +30,7 @@ pub(super) struct Cursor {
 }
 
 /// What one `compact_step` did.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum CompactProgress {
     /// No sealed segment is over the dead-bytes threshold and none waits for removal.
     Idle,
@@ -128,11 +128,10 @@ impl FileStore {
             let here = |loc: &super::index::Loc| loc.seg == cursor.seg && loc.offset == cursor.offset;
             let seg = &self.segments[&cursor.seg];
             let Decoded::Record(rec) = record::decode_verified(&seg.bytes()[cursor.offset as usize..]) else {
-                return Err(StoreError(format!(
-                    "compaction found a corrupt record in {} at byte offset {}",
-                    seg.path.display(),
-                    cursor.offset
-                )));
+                return Err(StoreError::Corrupt {
+                    file: seg.path.clone(),
+                    offset: cursor.offset,
+                });
             };
             let live = match rec.kind {
                 Kind::Set => self

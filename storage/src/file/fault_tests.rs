@@ -145,7 +145,7 @@ fn a_failed_fdatasync_stops_the_store_for_good() {
     assert!(!store.sync.is_synced(), "the durable mark moved past the failed write");
     // Fail-stop: no more writes or reads.
     let err = store.set("s", "g", "c", j("3")).unwrap_err();
-    assert!(err.0.contains("restart"), "{err}");
+    assert!(matches!(&err, StoreError::Failed { .. }) && err.to_string().contains("restart"), "{err}");
     assert!(store.delete("s", "g", "a").is_err());
     assert!(store.health().is_err());
     assert!(store.failure().unwrap().contains("fdatasync"));

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use crate::{Json, KvStore, StoreError};
 
 pub use compaction::CompactProgress;
+pub use record::FormatError;
 pub use prefault::Populate;
 pub use repair::{repair, RepairReport};
 pub use recovery::{recover_segment_bytes, RecoveredBytes};
@@ -236,10 +237,10 @@ impl FileStore {
     fn check_healthy(&self) -> Result<(), StoreError> {
         match self.sync.failure() {
             None => Ok(()),
-            Some(why) => Err(StoreError(format!(
-                "file store {} failed ({why}) and serves nothing more; restart the engine",
-                self.dir.display()
-            ))),
+            Some(why) => Err(StoreError::Failed {
+                dir: self.dir.clone(),
+                why: why.to_owned(),
+            }),
         }
     }
 
@@ -276,7 +277,10 @@ impl FileStore {
     }
 
     fn io_error(&self, err: io::Error) -> StoreError {
-        StoreError(format!("file store {}: {err}", self.dir.display()))
+        StoreError::Io {
+            dir: self.dir.clone(),
+            source: err,
+        }
     }
 
     /// The value of the record at `loc`, copied out of the map.
@@ -530,7 +534,7 @@ fn value_at(seg: &Segment, loc: Loc) -> Json {
 
 /// Encoded length of a record, or why it cannot be stored.
 fn record_len(stream: &str, group: &str, item: &str, value: &str) -> Result<usize, StoreError> {
-    record::encoded_len(stream.len(), group.len(), item.len(), value.len()).map_err(|e| StoreError(e.0))
+    Ok(record::encoded_len(stream.len(), group.len(), item.len(), value.len())?)
 }
 
 /// Moves every item to the store that owns its group after a change of shard count:
@@ -554,7 +558,11 @@ pub fn rehome(stores: &mut [FileStore], owner: impl Fn(&str, &str) -> usize) -> 
         for (stream, group, item, value) in items {
             let to = owner(stream, group);
             let Some(target) = stores.get_mut(to) else {
-                return Err(StoreError(format!("re-homing: no store {to} for {stream}/{group}")));
+                return Err(StoreError::NoOwner {
+                    to,
+                    stream: stream.clone(),
+                    group: group.clone(),
+                });
             };
             target.set(stream, group, item, value.clone())?;
             if let Some(t) = targets.get_mut(to) {

@@ -24,7 +24,6 @@
 //! Decoding must never panic on any bytes a file holds: no indexing, no unwraps.
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 
-use std::fmt;
 use std::ops::Range;
 
 /// First byte of a record of the format written now (version 2). The magic bytes differ from
@@ -86,31 +85,29 @@ pub enum Decoded<'a> {
     Invalid,
 }
 
-/// Why a record cannot be written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FormatError(pub String);
-
-impl fmt::Display for FormatError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why a record cannot be written: the format cannot hold a name or value this long.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    /// A stream name, group id or item id (`what`) longer than [`MAX_NAME_LEN`].
+    #[error("{what} is {len} bytes, longer than the file store's limit of {limit} bytes")]
+    NameTooLong { what: &'static str, len: usize, limit: usize },
+    /// A value that makes the record longer than [`MAX_RECORD_LEN`].
+    #[error("value is {len} bytes, more than the file store's record limit of {limit} bytes")]
+    ValueTooLarge { len: usize, limit: usize },
 }
 
 /// Bytes a record of these field lengths takes, or why the format cannot hold it.
 pub fn encoded_len(stream: usize, group: usize, item: usize, value: usize) -> Result<usize, FormatError> {
     for (what, len) in [("stream name", stream), ("group id", group), ("item id", item)] {
         if len > MAX_NAME_LEN {
-            return Err(FormatError(format!(
-                "{what} is {len} bytes, longer than the file store's limit of {MAX_NAME_LEN} bytes"
-            )));
+            return Err(FormatError::NameTooLong { what, len, limit: MAX_NAME_LEN });
         }
     }
     let total = (HEADER_LEN + stream + group + item).checked_add(value);
     match total {
         Some(total) if total <= MAX_RECORD_LEN => Ok(total),
-        _ => Err(FormatError(format!(
-            "value is {value} bytes, more than the file store's record limit of {MAX_RECORD_LEN} bytes"
-        ))),
+        _ => Err(FormatError::ValueTooLarge { len: value, limit: MAX_RECORD_LEN }),
     }
 }
 
@@ -360,10 +357,12 @@ mod tests {
     fn lengths_beyond_the_format_are_refused() {
         assert!(encoded_len(MAX_NAME_LEN, MAX_NAME_LEN, MAX_NAME_LEN, 10).is_ok());
         let err = encoded_len(0, MAX_NAME_LEN + 1, 0, 0).unwrap_err();
-        assert!(err.0.contains("group id"), "{err}");
+        assert!(matches!(err, FormatError::NameTooLong { what: "group id", .. }), "{err}");
+        assert!(err.to_string().contains("group id"), "{err}");
         assert!(encoded_len(0, 0, 0, MAX_RECORD_LEN - HEADER_LEN).is_ok());
         let err = encoded_len(0, 0, 0, MAX_RECORD_LEN - HEADER_LEN + 1).unwrap_err();
-        assert!(err.0.contains("record limit"), "{err}");
+        assert!(matches!(err, FormatError::ValueTooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("record limit"), "{err}");
         assert!(encoded_len(1, 1, 1, usize::MAX).is_err());
     }
 
