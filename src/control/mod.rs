@@ -10,21 +10,16 @@ pub(crate) mod triggers;
 pub mod wire;
 
 use engine::Engine;
-use glommio::net::TcpListener;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use ringcast_shards::runtime;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::WorkerManagerConfig;
 
 /// Requests from the shards (auth, join/leave triggers).
-pub type ShardRequests = futures_channel::mpsc::UnboundedReceiver<crate::stream::messages::ControlRequest>;
-
-/// How often the control core looks at the shutdown flag set by the signal handler.
-const SHUTDOWN_POLL: Duration = Duration::from_millis(25);
-/// Time given to writers to flush close frames and error answers before the executor stops.
-const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
+pub type ShardRequests = futures_channel::mpsc::UnboundedReceiver<ringcast_shards::messages::ControlRequest>;
 
 /// Runs the control core until `shutdown` is set: accepts workers on `listener` (bound by the
 /// boot code so bind errors are reported before any executor starts).
@@ -35,9 +30,7 @@ pub async fn run(
     metrics: Arc<crate::metrics::Metrics>,
     shutdown: Arc<AtomicBool>,
 ) {
-    let listener_fd = listener.as_raw_fd();
-    // SAFETY: the fd is a bound, listening TCP socket whose ownership we take here.
-    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    let (listener, listener_fd) = runtime::listener(listener);
     let timeout = config.invocation_timeout_ms;
     let (service, requests) = match streams {
         Some((service, requests)) => (Some(service), Some(requests)),
@@ -49,22 +42,9 @@ pub async fn run(
     }
 
     let acceptor = engine.clone();
-    let stopping = shutdown.clone();
-    glommio::spawn_local(async move {
-        loop {
-            match listener.accept().await {
-                Ok(stream) => {
-                    glommio::spawn_local(connection::serve(acceptor.clone(), stream)).detach();
-                }
-                Err(_) if stopping.load(Ordering::Relaxed) => return,
-                Err(e) => {
-                    tracing::warn!("worker port accept failed: {e}");
-                    glommio::timer::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    })
-    .detach();
+    runtime::spawn_accept_loop(listener, "worker port".to_string(), shutdown.clone(), move |stream| {
+        connection::serve(acceptor.clone(), stream)
+    });
 
     if let Some(timeout_ms) = timeout {
         let sweeper = engine.clone();
@@ -78,18 +58,9 @@ pub async fn run(
         .detach();
     }
 
-    while !shutdown.load(Ordering::Relaxed) {
-        glommio::timer::sleep(SHUTDOWN_POLL).await;
-    }
+    runtime::until_shutdown(&shutdown).await;
     tracing::info!("shutting down: answering waiting callers and closing worker sockets");
-    stop_listening(listener_fd);
+    runtime::stop_listening(listener_fd);
     engine.borrow_mut().shutdown();
-    glommio::timer::sleep(SHUTDOWN_GRACE).await;
-}
-
-/// Ends the pending accept on a listening socket, so the port is free the moment the process
-/// exits (an accept still queued in io_uring would keep it bound a little longer).
-pub fn stop_listening(fd: RawFd) {
-    // SAFETY: shutdown(2) on a listening socket we own; it only wakes its pending accept.
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    glommio::timer::sleep(runtime::SHUTDOWN_GRACE).await;
 }
