@@ -62,10 +62,7 @@ impl Shard {
         };
         // `always` uses the sync thread too, without gathering: the shard keeps serving other
         // groups while the disk works, instead of blocking in fdatasync for every write.
-        let syncer = match ctx.config.store.needs_commit() {
-            true => store.flush_handle().map(|h| Rc::new(Syncer::start(h, ctx.index))),
-            false => None,
-        };
+        let syncer = if ctx.config.store.needs_commit() { store.flush_handle().map(|h| Rc::new(Syncer::start(h, ctx.index))) } else { None };
         let owner = Owner::new(ctx.index, store, syncer.is_some(), ctx.config.max_value_bytes, ctx.metrics.clone());
         let shard = Rc::new(RefCell::new(Shard {
             ctx,
