@@ -3,7 +3,7 @@
 
 use crate::cli::Cli;
 use crate::config::{self, ConfigError, EngineConfig};
-use crate::stream::shard::ShardContext;
+use ringcast_shards::shard::ShardContext;
 use crate::stream::StreamService;
 use crate::{control, stream, EXIT_START_FAILED};
 use ringcast_shards::runtime::{self, CorePlan};
@@ -205,11 +205,11 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     // One SO_REUSEPORT listener per shard on the stream port: the kernel spreads subscribers.
     let mut stream_fds = Vec::new();
     let mut stream_addr = None;
+    let mut shard_config = None;
     if let Some(stream) = &config.stream {
-        let kv = stream.kv();
-        if kv.store_method == config::StoreMethod::FileBased {
-            crate::stream::store::prepare(kv, plan.shard_cpus.len()).map_err(StartError)?;
-        }
+        let shards = crate::shard_config::shard_config(stream);
+        ringcast_shards::store::prepare(&shards.store, plan.shard_cpus.len()).map_err(StartError)?;
+        shard_config = Some(shards);
         for _ in &plan.shard_cpus {
             let (fd, addr) = bind(&stream.host, stream.port, "iii-stream", true)?;
             stream_fds.push(fd);
@@ -256,7 +256,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let mut stream_fds = stream_fds.into_iter();
     for ((index, cpu), inbox) in plan.shard_cpus.iter().enumerate().zip(shard_inboxes) {
         let flag = shutdown.clone();
-        let stream_config = config.stream.clone();
+        let stream_config = shard_config.clone();
         let listener = stream_fds.next();
         let ctx_peers = shard_senders.clone();
         let control_tx = control_requests_tx.clone();
@@ -264,13 +264,11 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         let handle = runtime::spawn_pinned(&format!("ringcast-shard-{index}"), *cpu, io_memory, spin_on(*cpu), move || async move {
             match (stream_config, listener) {
                 (Some(config), Some(listener)) => {
-                    let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config, metrics };
-                    stream::shard::run(ctx, inbox, listener, flag).await
+                    let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config, metrics: metrics.shards.clone() };
+                    ringcast_shards::start::run(ctx, inbox, listener, flag).await
                 }
                 _ => {
-                    while !flag.load(Ordering::Relaxed) {
-                        glommio::timer::sleep(Duration::from_millis(25)).await;
-                    }
+                    runtime::until_shutdown(&flag).await;
                     Ok(())
                 }
             }

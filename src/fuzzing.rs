@@ -2,7 +2,7 @@
 //! runs a parser of network, disk or config input the way the engine calls it, so the targets
 //! need no access to crate internals and a renamed parser only has to be followed here.
 
-use crate::stream::subscriber;
+use ringcast_shards::subscriber::{message::ClientMessage, upgrade};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -49,9 +49,9 @@ pub fn subscriber_message(payload: &[u8]) -> Option<bool> {
     if payload.iter().all(u8::is_ascii_whitespace) {
         return None;
     }
-    match serde_json::from_slice::<subscriber::ClientMessage>(payload).ok()? {
-        subscriber::ClientMessage::Join { .. } => Some(true),
-        subscriber::ClientMessage::Leave { .. } => Some(false),
+    match serde_json::from_slice::<ClientMessage>(payload).ok()? {
+        ClientMessage::Join { .. } => Some(true),
+        ClientMessage::Leave { .. } => Some(false),
     }
 }
 
@@ -67,7 +67,7 @@ pub enum UpgradeOutcome {
     Accepted { path: String, query_keys: usize, implicit_join: Option<(String, String, Option<String>)> },
 }
 
-/// The subscriber port's upgrade request handling (`subscriber::read_upgrade` minus the socket):
+/// The subscriber port's upgrade request handling (`subscriber::upgrade::read_upgrade` minus the socket):
 /// httparse with 64 header slots, `upgrade_of`, then `implicit_join` of the path.
 pub fn upgrade_request(bytes: &[u8]) -> UpgradeOutcome {
     let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -77,7 +77,7 @@ pub fn upgrade_request(bytes: &[u8]) -> UpgradeOutcome {
         Ok(httparse::Status::Partial) => return UpgradeOutcome::Partial,
         Err(_) => return UpgradeOutcome::Refused("400 Bad Request"),
     }
-    let upgrade = match subscriber::upgrade_of(&request) {
+    let upgrade = match upgrade::upgrade_of(&request) {
         Ok(upgrade) => upgrade,
         Err(status) => return UpgradeOutcome::Refused(status),
     };
@@ -91,20 +91,20 @@ pub fn upgrade_request(bytes: &[u8]) -> UpgradeOutcome {
     }
 }
 
-/// `subscriber::implicit_join` of a request path, flattened: `Err` is the HTTP status.
+/// `subscriber::upgrade::implicit_join` of a request path, flattened: `Err` is the HTTP status.
 #[allow(clippy::type_complexity)]
 pub fn stream_path(path: &str) -> Result<Option<(String, String, Option<String>)>, &'static str> {
-    Ok(subscriber::implicit_join(path)?.map(|((stream, group), item)| (stream, group, item)))
+    Ok(upgrade::implicit_join(path)?.map(|((stream, group), item)| (stream, group, item)))
 }
 
-/// `subscriber::percent_decode` of one path segment (`None`: a bad escape or not UTF-8).
+/// `subscriber::upgrade::percent_decode` of one path segment (`None`: a bad escape or not UTF-8).
 pub fn percent_decode(segment: &str) -> Option<String> {
-    subscriber::percent_decode(segment)
+    upgrade::percent_decode(segment)
 }
 
-/// `subscriber::query_params`, as the JSON object handed to the auth function.
+/// `subscriber::upgrade::query_params`, as the JSON object handed to the auth function.
 pub fn query_params(query: &str) -> serde_json::Map<String, serde_json::Value> {
-    subscriber::query_params(query)
+    upgrade::query_params(query)
 }
 
 /// The config file parser (`${VAR}` expansion from the process environment, YAML, validation).

@@ -10,6 +10,7 @@ pub mod control;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
+pub mod shard_config;
 pub mod stream;
 
 /// Exit code for "could not start": bad config, port in use, locked-memory limit.

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use ringcast_shards::metrics::{AllShardMetrics, ShardMetrics};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,35 +21,16 @@ pub struct ControlMetrics {
     pub worker_ping_timeouts_total: AtomicU64,
 }
 
-/// Counters of one shard.
-#[derive(Default)]
-pub struct ShardMetrics {
-    pub subscribers: AtomicU64,
-    pub subscriptions: AtomicU64,
-    /// Events published by groups this shard owns.
-    pub events_total: AtomicU64,
-    /// Frames queued to this shard's subscribers.
-    pub deliveries_total: AtomicU64,
-    pub slow_subscriber_closes_total: AtomicU64,
-    /// Bytes of item values held by this shard's store.
-    pub store_bytes: AtomicU64,
-}
-
 /// Everything `/metrics` reports.
 pub struct Metrics {
     pub control: ControlMetrics,
-    pub shards: Vec<ShardMetrics>,
-    /// Bytes queued for subscribers, per shard (shared with the backpressure check).
-    pub queued_bytes: Vec<Arc<AtomicUsize>>,
+    /// Counters of each shard, by index (the shards update them).
+    pub shards: AllShardMetrics,
 }
 
 impl Metrics {
     pub fn new(shards: usize) -> Arc<Metrics> {
-        Arc::new(Metrics {
-            control: ControlMetrics::default(),
-            shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
-            queued_bytes: (0..shards).map(|_| Arc::default()).collect(),
-        })
+        Arc::new(Metrics { control: ControlMetrics::default(), shards: ringcast_shards::metrics::for_shards(shards) })
     }
 
     /// The Prometheus text exposition of every counter.
@@ -82,8 +64,8 @@ impl Metrics {
         }
         let name = "ringcast_outbound_queue_bytes";
         let _ = writeln!(out, "# HELP {name} Bytes waiting in subscriber outbound queues\n# TYPE {name} gauge");
-        for (i, bytes) in self.queued_bytes.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", bytes.load(Ordering::Relaxed));
+        for (i, shard) in self.shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", shard.queued_bytes.load(Ordering::Relaxed));
         }
         out
     }

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ringcast::stream::frames;
+use ringcast_shards::event_json as frames;
 use ringcast_shards::outbound::{Batch, OutQueue};
 use ringcast_shards::wsframe::text_frame;
 use std::sync::Arc;

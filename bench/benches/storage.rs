@@ -5,7 +5,7 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use ringcast_storage::file::{FileOptions, FileStore, Populate};
 use ringcast_storage::memory::MemoryStore;
-use ringcast_storage::update_ops::{apply, parse_ops};
+use ringcast_shards::update::{apply, parse_ops};
 use ringcast_storage::{Json, KvStore};
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,10 +1,10 @@
 //! The `update_ops` target: arbitrary op lists (built with `arbitrary`, sent through the wire
-//! decoding `parse_ops`) applied by `ringcast_storage::update_ops::apply` and by the model below,
+//! decoding `parse_ops`) applied by `ringcast_shards::update::apply` and by the model below,
 //! written from spec/stream.md §3 and not from the implementation. The resulting value, and the
 //! `op_index` and `code` of every error entry, must agree.
 
 use arbitrary::{Arbitrary, Unstructured};
-use ringcast_storage::update_ops::{self, DOC_URL};
+use ringcast_shards::update::{self, DOC_URL};
 use serde_json::{json, Map, Number, Value};
 
 const MAX_PATH_DEPTH: usize = 32;
@@ -182,9 +182,9 @@ pub fn update_ops(data: &[u8]) {
     let Ok(case) = Case::arbitrary_take_rest(Unstructured::new(data)) else { return };
     let current = case.current.as_ref().map(|v| v.json(0));
     let wire_ops = Value::Array(case.ops.iter().map(Op::wire).collect());
-    let ops = update_ops::parse_ops(&wire_ops)
+    let ops = update::parse_ops(&wire_ops)
         .unwrap_or_else(|e| panic!("well-formed ops refused: {e}\nops: {wire_ops}"));
-    let (value, errors) = update_ops::apply(current.as_ref(), &ops);
+    let (value, errors) = update::apply(current.as_ref(), &ops);
     let got: Vec<(usize, String)> = errors.iter().map(|e| (e.op_index, e.code.clone())).collect();
     for e in &errors {
         assert_eq!(e.doc_url, DOC_URL);
@@ -195,7 +195,7 @@ pub fn update_ops(data: &[u8]) {
     assert_eq!(
         (&value, &got),
         (&want_value, &want_errors),
-        "update_ops::apply differs from the spec model\ncurrent: {current:?}\nops: {wire_ops}"
+        "update::apply differs from the spec model\ncurrent: {current:?}\nops: {wire_ops}"
     );
 }
 
@@ -214,7 +214,7 @@ fn model(current: Option<&Value>, ops: &[Op]) -> (Value, Vec<(usize, String)>) {
             Op::Remove { path } => ("remove", remove(&mut doc, &path.text())),
         };
         match result {
-            // "Missing" holds until an op succeeds (update_ops.rs documents this reading of
+            // "Missing" holds until an op succeeds (shards/src/update.rs documents this reading of
             // §3.2's "no earlier op changed that"; see the fuzzing report).
             Ok(()) => missing = false,
             Err(suffix) => errors.push((index, format!("{name}.{suffix}"))),

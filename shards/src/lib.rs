@@ -1,8 +1,28 @@
-//! Thread-per-core machinery of ringcast: which executor runs on which CPU, which shard owns a
-//! stream group, WebSocket framing for subscriber sockets, and the per-connection outbound queue
-//! that carries shared, pre-built frames.
+//! The shard cores of ringcast and the thread-per-core runtime they run on.
+//!
+//! A shard owns the stream groups that hash to it (`routing`): it runs their operations on its
+//! store (`group_ops`, `update`, `store`), makes writes durable before anything is released
+//! (`commit`), answers joins with snapshots and publishes each event frame once to the shards
+//! with subscribers (`owner`), and serves the subscriber connections accepted on its listener
+//! (`subscriber`, `subscribers`, `delivery`, `outbound`, `wsframe`). `shard` ties one core
+//! together and `start` runs it; `messages` are what cores send each other; `runtime` places,
+//! starts and stops every core, the control core's included.
 
+pub mod commit;
+pub mod config;
+pub mod delivery;
+pub mod event_json;
+pub mod group_ops;
+pub mod messages;
+pub mod metrics;
 pub mod outbound;
+pub mod owner;
 pub mod routing;
 pub mod runtime;
+pub mod shard;
+pub mod start;
+pub mod store;
+pub mod subscriber;
+pub mod subscribers;
+pub mod update;
 pub mod wsframe;

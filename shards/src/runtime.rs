@@ -1,13 +1,21 @@
-//! Core placement and executor start-up.
+//! The runtime both kinds of core run on: core placement and executor start-up, task spawning,
+//! accept loops, and the shutdown poll.
 //!
 //! One control executor serves the worker protocol; N shard executors own stream groups. Each is a
 //! glommio `LocalExecutor` pinned to a CPU. io_uring registers each executor's I/O buffer as
 //! locked memory (once per ring, three rings), so the buffer size is chosen to fit the process's
-//! `RLIMIT_MEMLOCK`.
+//! `RLIMIT_MEMLOCK`. Each core runs until the shutdown flag (set by the signal handler) is seen
+//! by `until_shutdown`, stops its listener with `stop_listening`, and gives its writers
+//! `SHUTDOWN_GRACE` to flush close frames.
 
+use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::fmt;
 use std::future::Future;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Rings per glommio executor that register the I/O buffer (main, latency, poll).
 const RINGS_PER_EXECUTOR: usize = 3;
@@ -155,6 +163,82 @@ where
                  or start fewer shards with --shards)"
             )
         })
+}
+
+/// How often a core looks at the shutdown flag set by the signal handler.
+pub const SHUTDOWN_POLL: Duration = Duration::from_millis(25);
+/// Time given to writers to flush close frames and error answers before an executor stops.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
+/// Pause after a failed accept (out of file descriptors, say) before the next one.
+const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+/// Spawns a task on this executor that starts only after the current task yields (it yields
+/// once first). glommio may poll a new task at once; callers that hold their core's state
+/// borrowed (a control-core handler, a shard's inbox handler) call this, and the task borrows
+/// the state too. Work queued by the current burst runs before it.
+pub fn spawn_deferred(fut: impl Future<Output = ()> + 'static) {
+    glommio::spawn_local(async move {
+        let mut yielded = false;
+        std::future::poll_fn(|cx| {
+            if yielded {
+                std::task::Poll::Ready(())
+            } else {
+                yielded = true;
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        fut.await
+    })
+    .detach();
+}
+
+/// Takes a bound, listening TCP socket (bound by the boot code, so bind errors are reported
+/// before any executor starts): the executor's listener, and the fd `stop_listening` needs.
+pub fn listener(fd: OwnedFd) -> (TcpListener, RawFd) {
+    let fd = fd.into_raw_fd();
+    // SAFETY: a bound, listening TCP socket whose ownership we take here.
+    (unsafe { TcpListener::from_raw_fd(fd) }, fd)
+}
+
+/// Accepts connections on `listener` until shutdown, serving each on a task of its own. An
+/// accept that fails once `stopping` is set ends the loop; other failures are logged (`port`
+/// names the listener) and retried after a pause.
+pub fn spawn_accept_loop<F, Fut>(listener: TcpListener, port: String, stopping: Arc<AtomicBool>, serve: F)
+where
+    F: Fn(TcpStream) -> Fut + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    glommio::spawn_local(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    glommio::spawn_local(serve(stream)).detach();
+                }
+                Err(_) if stopping.load(Ordering::Relaxed) => return,
+                Err(e) => {
+                    tracing::warn!("{port} accept failed: {e}");
+                    glommio::timer::sleep(ACCEPT_RETRY_PAUSE).await;
+                }
+            }
+        }
+    })
+    .detach();
+}
+
+/// Resolves once `shutdown` is set (looked at every `SHUTDOWN_POLL`).
+pub async fn until_shutdown(shutdown: &AtomicBool) {
+    while !shutdown.load(Ordering::Relaxed) {
+        glommio::timer::sleep(SHUTDOWN_POLL).await;
+    }
+}
+
+/// Ends the pending accept on a listening socket, so the port is free the moment the process
+/// exits (an accept still queued in io_uring would keep it bound a little longer).
+pub fn stop_listening(fd: RawFd) {
+    // SAFETY: shutdown(2) on a listening socket we own; it only wakes its pending accept.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
 
 #[cfg(test)]

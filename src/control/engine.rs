@@ -105,26 +105,6 @@ impl Engine {
 
     /// Spawns `fut` on the control executor, to run after the current handler.
     pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + 'static) {
-        spawn_deferred(fut);
+        ringcast_shards::runtime::spawn_deferred(fut);
     }
-}
-
-/// Spawns a task that starts only after the current task yields. glommio may poll a new task
-/// at once; handlers call this while they hold the engine borrowed, and the task borrows it too.
-pub fn spawn_deferred(fut: impl std::future::Future<Output = ()> + 'static) {
-    glommio::spawn_local(async move {
-        let mut yielded = false;
-        std::future::poll_fn(|cx| {
-            if yielded {
-                std::task::Poll::Ready(())
-            } else {
-                yielded = true;
-                cx.waker().wake_by_ref();
-                std::task::Poll::Pending
-            }
-        })
-        .await;
-        fut.await
-    })
-    .detach();
 }

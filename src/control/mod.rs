@@ -25,20 +25,16 @@ pub(crate) mod test_support;
 
 
 use engine::Engine;
-use glommio::net::TcpListener;
+use ringcast_shards::runtime;
 use std::cell::RefCell;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::WorkerManagerConfig;
 
-/// How often the control core looks at the shutdown flag set by the signal handler.
-const SHUTDOWN_POLL: Duration = Duration::from_millis(25);
-/// Time given to writers to flush close frames and error answers before the executor stops.
-const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
 
 /// Runs the control core until `shutdown` is set: accepts workers on `listener` (bound by the
 /// boot code so bind errors are reported before any executor starts). `install` runs once on
@@ -52,30 +48,15 @@ pub async fn run(
     shutdown: Arc<AtomicBool>,
     install: impl FnOnce(&Rc<RefCell<Engine>>),
 ) {
-    let listener_fd = listener.as_raw_fd();
-    // SAFETY: the fd is a bound, listening TCP socket whose ownership we take here.
-    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    let (listener, listener_fd) = runtime::listener(listener);
     let timeout = config.invocation_timeout_ms;
     let engine = Engine::new(config, metrics);
     install(&engine);
 
     let acceptor = engine.clone();
-    let stopping = shutdown.clone();
-    glommio::spawn_local(async move {
-        loop {
-            match listener.accept().await {
-                Ok(stream) => {
-                    glommio::spawn_local(connection::serve(acceptor.clone(), stream)).detach();
-                }
-                Err(_) if stopping.load(Ordering::Relaxed) => return,
-                Err(e) => {
-                    tracing::warn!("worker port accept failed: {e}");
-                    glommio::timer::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    })
-    .detach();
+    runtime::spawn_accept_loop(listener, "worker port".to_string(), shutdown.clone(), move |stream| {
+        connection::serve(acceptor.clone(), stream)
+    });
 
     if let Some(timeout_ms) = timeout {
         let sweeper = engine.clone();
@@ -89,18 +70,9 @@ pub async fn run(
         .detach();
     }
 
-    while !shutdown.load(Ordering::Relaxed) {
-        glommio::timer::sleep(SHUTDOWN_POLL).await;
-    }
+    runtime::until_shutdown(&shutdown).await;
     tracing::info!("shutting down: answering waiting callers and closing worker sockets");
-    stop_listening(listener_fd);
+    runtime::stop_listening(listener_fd);
     engine.borrow_mut().shutdown();
-    glommio::timer::sleep(SHUTDOWN_GRACE).await;
-}
-
-/// Ends the pending accept on a listening socket, so the port is free the moment the process
-/// exits (an accept still queued in io_uring would keep it bound a little longer).
-pub fn stop_listening(fd: RawFd) {
-    // SAFETY: shutdown(2) on a listening socket we own; it only wakes its pending accept.
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    glommio::timer::sleep(runtime::SHUTDOWN_GRACE).await;
 }

@@ -6,7 +6,7 @@
 //! The control core does not know this module: the boot code installs these functions
 //! ([`install`]) and starts [`serve_shard_requests`]; each function holds the shards' inboxes.
 
-use super::messages::{ControlRequest, EventKind, GroupKey, ShardMsg, StoreOp, StoreReply};
+use ringcast_shards::messages::{ControlRequest, EventKind, GroupKey, GroupOp, GroupOpReply, ShardMsg};
 use super::StreamService;
 use crate::control::engine::Engine;
 use crate::control::functions::{decode_input, reply_now, BuiltinReply};
@@ -129,7 +129,7 @@ fn call_function(engine: &mut Engine, function_id: &str, data: Value) -> oneshot
 
 /// Sends `op` to the owner of `key` and answers with its result, firing `stream` triggers for
 /// the event it produced.
-fn route(service: &StreamService, engine: &Engine, key: GroupKey, op: StoreOp, error_code: &'static str) -> BuiltinReply {
+fn route(service: &StreamService, engine: &Engine, key: GroupKey, op: GroupOp, error_code: &'static str) -> BuiltinReply {
     let rx = send_to_owner(service, key.clone(), op);
     let weak = engine.weak_self();
     BuiltinReply::Later(Box::pin(async move {
@@ -138,15 +138,15 @@ fn route(service: &StreamService, engine: &Engine, key: GroupKey, op: StoreOp, e
     }))
 }
 
-fn send_to_owner(service: &StreamService, key: GroupKey, op: StoreOp) -> oneshot::Receiver<StoreReply> {
+fn send_to_owner(service: &StreamService, key: GroupKey, op: GroupOp) -> oneshot::Receiver<GroupOpReply> {
     let (tx, rx) = oneshot::channel();
     let owner = ringcast_shards::routing::owner_shard(&key.0, &key.1, service.shards.len());
-    let _ = service.shards[owner].unbounded_send(ShardMsg::Store { key, op, reply: tx });
+    let _ = service.shards[owner].unbounded_send(ShardMsg::GroupOp { key, op, reply: tx });
     rx
 }
 
 /// Fires triggers for the reply's event and turns the reply into the function's outcome.
-fn finish(weak: &Weak<RefCell<Engine>>, key: GroupKey, reply: StoreReply) -> Outcome {
+fn finish(weak: &Weak<RefCell<Engine>>, key: GroupKey, reply: GroupOpReply) -> Outcome {
     if let (Some(frame), Some(engine)) = (reply.event, weak.upgrade()) {
         fire_stream_triggers(&engine, &key, frame);
     }
@@ -159,7 +159,7 @@ fn stream_set(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> 
         return custom_mutation(service, engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_SET_ERROR"));
     }
     let i: SetInput = decode!("stream::set", data);
-    route(service, engine, (i.stream_name, i.group_id), StoreOp::Set { item: i.item_id, data: i.data }, "STREAM_SET_ERROR")
+    route(service, engine, (i.stream_name, i.group_id), GroupOp::Set { item: i.item_id, data: i.data }, "STREAM_SET_ERROR")
 }
 
 fn stream_get(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
@@ -168,7 +168,7 @@ fn stream_get(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> 
         return passthrough(engine, &custom, data);
     }
     let i: ItemInput = decode!("stream::get", data);
-    route(service, engine, (i.stream_name, i.group_id), StoreOp::Get { item: i.item_id }, "STREAM_GET_ERROR")
+    route(service, engine, (i.stream_name, i.group_id), GroupOp::Get { item: i.item_id }, "STREAM_GET_ERROR")
 }
 
 fn stream_delete(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
@@ -177,7 +177,7 @@ fn stream_delete(service: &Rc<StreamService>, engine: &mut Engine, data: Value) 
         return custom_mutation(service, engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Delete);
     }
     let i: ItemInput = decode!("stream::delete", data);
-    route(service, engine, (i.stream_name, i.group_id), StoreOp::Delete { item: i.item_id }, "STREAM_DELETE_ERROR")
+    route(service, engine, (i.stream_name, i.group_id), GroupOp::Delete { item: i.item_id }, "STREAM_DELETE_ERROR")
 }
 
 fn stream_list(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
@@ -186,14 +186,14 @@ fn stream_list(service: &Rc<StreamService>, engine: &mut Engine, data: Value) ->
         return passthrough(engine, &custom, data);
     }
     let i: GroupInput = decode!("stream::list", data);
-    route(service, engine, (i.stream_name, i.group_id), StoreOp::List, "STREAM_GET_GROUP_ERROR")
+    route(service, engine, (i.stream_name, i.group_id), GroupOp::List, "STREAM_GET_GROUP_ERROR")
 }
 
 fn stream_update(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
     // The input is copied only when a custom function needs it whole.
     let custom = override_for(engine, "update", &data).map(|id| (id, data.clone()));
     let i: UpdateInput = decode!("stream::update", data);
-    let ops = match ringcast_storage::update_ops::parse_ops(&i.ops) {
+    let ops = match ringcast_shards::update::parse_ops(&i.ops) {
         Ok(ops) => ops,
         Err(e) => {
             return reply_now(Err(ErrorBody::new("deserialization_error", format!("Failed to deserialize input for stream::update: {e}"))))
@@ -202,12 +202,12 @@ fn stream_update(service: &Rc<StreamService>, engine: &mut Engine, data: Value) 
     if let Some((custom, data)) = custom {
         return custom_mutation(service, engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_UPDATE_ERROR"));
     }
-    route(service, engine, (i.stream_name, i.group_id), StoreOp::Update { item: i.item_id, ops }, "STREAM_UPDATE_ERROR")
+    route(service, engine, (i.stream_name, i.group_id), GroupOp::Update { item: i.item_id, ops }, "STREAM_UPDATE_ERROR")
 }
 
 fn stream_send(service: &Rc<StreamService>, engine: &mut Engine, data: Value) -> BuiltinReply {
     let i: SendInput = decode!("stream::send", data);
-    let op = StoreOp::Send { item: i.id, event_type: i.event_type, data: i.data };
+    let op = GroupOp::CustomEvent { item: i.id, event_type: i.event_type, data: i.data };
     route(service, engine, (i.stream_name, i.group_id), op, "STREAM_SEND_ERROR")
 }
 
@@ -313,7 +313,7 @@ fn custom_mutation(
             };
             (if old.is_some() { EventKind::Update } else { EventKind::Create }, new)
         };
-        let emitted = send_to_owner(&service, key.clone(), StoreOp::Emit { item: Some(item), kind, data: event_data });
+        let emitted = send_to_owner(&service, key.clone(), GroupOp::Emit { item: Some(item), kind, data: event_data });
         if let Ok(reply) = emitted.await {
             let _ = finish(&weak, key, reply);
         }
@@ -358,7 +358,7 @@ fn fire_stream_triggers(engine: &Rc<RefCell<Engine>>, key: &GroupKey, frame: Byt
         return;
     }
     let engine = engine.clone();
-    crate::control::engine::spawn_deferred(async move {
+    ringcast_shards::runtime::spawn_deferred(async move {
         for b in matching {
             if let Some(condition) = b.config.get("condition_function_id").and_then(Value::as_str) {
                 match call_and_wait(&engine, &b.namespace, condition, payload.clone(), b.metadata.clone()).await {
@@ -474,10 +474,10 @@ mod tests {
             "type": "invokefunction", "invocation_id": CALL_ID, "function_id": "stream::set",
             "data": { "stream_name": stream, "group_id": "g", "item_id": "i1", "data": { "n": 1 } },
         }));
-        let Some(ShardMsg::Store { key, reply, .. }) = inbox.next().await else { panic!("the set goes to the owner shard") };
+        let Some(ShardMsg::GroupOp { key, reply, .. }) = inbox.next().await else { panic!("the set goes to the owner shard") };
         assert_eq!(key, (stream.to_string(), "g".to_string()));
         let event = format!(r#"{{"streamName":"{stream}","groupId":"g","id":"i1","event":{{"type":"create","data":{{"n":1}}}}}}"#);
-        let _ = reply.send(StoreReply { result: Ok(Some(json!({ "n": 1 }))), event: Some(ringcast_shards::wsframe::text_frame(event.as_bytes())) });
+        let _ = reply.send(GroupOpReply { result: Ok(Some(json!({ "n": 1 }))), event: Some(ringcast_shards::wsframe::text_frame(event.as_bytes())) });
         settle().await;
     }
 

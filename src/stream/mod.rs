@@ -1,14 +1,10 @@
-//! The stream module (spec/stream.md): `stream::*` functions on the control core, groups owned
-//! by shard cores, and the subscriber WebSocket served by every shard.
+//! The stream module (spec/stream.md) on the control core: the `stream::*` functions, which
+//! decode their input, route each operation to the group's owner shard and answer. The groups,
+//! their store and the subscriber WebSocket live in the shards (`ringcast_shards`).
 
-pub mod frames;
 pub mod functions;
-pub mod messages;
-pub mod shard;
-pub mod store;
-pub(crate) mod subscriber;
 
-use messages::ShardSender;
+use ringcast_shards::messages::ShardSender;
 
 /// What the control core holds of the stream module: the shards' inboxes.
 pub struct StreamService {

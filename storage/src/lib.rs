@@ -1,12 +1,11 @@
 //! Storage for ringcast streams: the `KvStore` trait that each shard's store implements, the
-//! in-memory adapter, and the `stream::update` operations.
+//! in-memory adapter, and the memory-mapped file store.
 //!
 //! Items are kept as their JSON text (`Json`), so snapshots, `list` results and subscriber
 //! frames splice stored values in verbatim instead of re-serialising them.
 
 pub mod file;
 pub mod memory;
-pub mod update_ops;
 
 use std::io;
 use std::path::PathBuf;

@@ -1,9 +1,11 @@
-//! The JSON of subscriber frames (spec/stream.md §1.5), written once per event with stored
-//! values spliced in verbatim. The same text is the `stream` trigger payload.
+//! The JSON text of subscriber events (spec/stream.md §1.5), written once per event with stored
+//! values spliced in verbatim; `wsframe` wraps it in a WebSocket frame. The same text is the
+//! `stream` trigger payload.
 
 use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Milliseconds since the Unix epoch (the events' `timestamp`).
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

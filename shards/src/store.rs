@@ -2,8 +2,7 @@
 //! does to a file store directory: verify every shard's data and re-home items when the shard
 //! count changed, so nothing is lost or hidden.
 
-use crate::config::{Durability, KvConfig, StoreMethod};
-use futures_channel::oneshot;
+use crate::config::{CommitMode, StoreLocation, StoreSettings};
 use ringcast_storage::file::{FileOptions, FileStore, FlushHandle, Populate};
 use ringcast_storage::memory::MemoryStore;
 use ringcast_storage::{Json, KvStore, StoreError};
@@ -16,10 +15,10 @@ pub enum ShardStore {
     File(Box<FileStore>),
 }
 
-fn options(kv: &KvConfig) -> FileOptions {
+fn options(segment_size: u64, compaction_threshold: f64, commit: CommitMode) -> FileOptions {
     // Pages populated writable ahead of the cursor would be written out by every fdatasync.
-    let populate = if kv.durability == Durability::None { Populate::Write } else { Populate::Read };
-    FileOptions { segment_size: kv.segment_size, compaction_threshold: kv.compaction_threshold, populate }
+    let populate = if commit == CommitMode::Immediate { Populate::Write } else { Populate::Read };
+    FileOptions { segment_size, compaction_threshold, populate }
 }
 
 fn shard_dir(root: &Path, shard: usize) -> PathBuf {
@@ -32,8 +31,8 @@ fn shard_dir(root: &Path, shard: usize) -> PathBuf {
 pub const FAIL_SYNC_AFTER_ENV: &str = "RINGCAST_TEST_FAIL_SYNC_AFTER";
 
 /// Opens a file store directory, logging a torn tail that recovery cut off.
-fn open_file_store(dir: &Path, kv: &KvConfig) -> Result<FileStore, String> {
-    let store = FileStore::open(dir, options(kv)).map_err(|e| e.to_string())?;
+fn open_file_store(dir: &Path, options: FileOptions) -> Result<FileStore, String> {
+    let store = FileStore::open(dir, options).map_err(|e| e.to_string())?;
     if let Some(torn) = store.torn_tail() {
         tracing::warn!(
             file = %torn.file.display(),
@@ -52,7 +51,8 @@ fn report_failure(store: &FileStore) {
     }
 }
 
-fn report_failure_text(store: impl std::fmt::Display, why: &str) {
+/// Logs that the file store `store` failed, and what that means for writes and reads.
+pub(crate) fn report_failure_text(store: impl std::fmt::Display, why: &str) {
     tracing::error!(
         "file store {store} failed ({why}): writes since the last successful sync may not be on disk; \
          it now refuses reads and writes with STREAM_STORE_ERROR until the engine is restarted"
@@ -61,11 +61,12 @@ fn report_failure_text(store: impl std::fmt::Display, why: &str) {
 
 impl ShardStore {
     /// Opens shard `index`'s store as configured.
-    pub fn open(kv: &KvConfig, index: usize) -> Result<ShardStore, String> {
-        match kv.store_method {
-            StoreMethod::InMemory => Ok(ShardStore::Memory(MemoryStore::new())),
-            StoreMethod::FileBased => {
-                let store = open_file_store(&shard_dir(Path::new(&kv.file_path), index), kv)?;
+    pub fn open(settings: &StoreSettings, index: usize) -> Result<ShardStore, String> {
+        match &settings.location {
+            StoreLocation::Memory => Ok(ShardStore::Memory(MemoryStore::new())),
+            &StoreLocation::File { ref root, segment_size, compaction_threshold } => {
+                let options = options(segment_size, compaction_threshold, settings.commit);
+                let store = open_file_store(&shard_dir(root, index), options)?;
                 if let Some(after) = std::env::var(FAIL_SYNC_AFTER_ENV).ok().and_then(|v| v.parse().ok()) {
                     tracing::warn!("{FAIL_SYNC_AFTER_ENV}={after}: fdatasync fault injection is on (tests only)");
                     store.inject_sync_failure_after(after);
@@ -157,16 +158,18 @@ fn existing_shards(root: &Path) -> Vec<usize> {
 
 /// Before the shards start: opens (and so verifies) every shard directory and moves items whose
 /// group now belongs to another shard — including everything in directories of shards that no
-/// longer exist — then removes those directories.
-pub fn prepare(kv: &KvConfig, shards: usize) -> Result<(), String> {
-    let root = Path::new(&kv.file_path);
+/// longer exist — then removes those directories. Nothing to do for an in-memory store.
+pub fn prepare(settings: &StoreSettings, shards: usize) -> Result<(), String> {
+    let &StoreLocation::File { ref root, segment_size, compaction_threshold } = &settings.location else { return Ok(()) };
+    let root = root.as_path();
+    let options = options(segment_size, compaction_threshold, settings.commit);
     std::fs::create_dir_all(root).map_err(|e| format!("iii-stream: cannot create {}: {e}", root.display()))?;
-    let open = |index: usize| open_file_store(&shard_dir(root, index), kv).map_err(|e| format!("iii-stream: {e}"));
+    let open = |index: usize| open_file_store(&shard_dir(root, index), options).map_err(|e| format!("iii-stream: {e}"));
     let stale: Vec<usize> = existing_shards(root).into_iter().filter(|&i| i >= shards).collect();
     // Current shards first (index = shard), then the stale ones, which own nothing.
     let mut stores: Vec<FileStore> = (0..shards).chain(stale.iter().copied()).map(open).collect::<Result<_, _>>()?;
     // Copies are synced at their owners before any source deletes (see `rehome`).
-    let moved = ringcast_storage::file::rehome(&mut stores, |s, g| ringcast_shards::routing::owner_shard(s, g, shards))
+    let moved = ringcast_storage::file::rehome(&mut stores, |s, g| crate::routing::owner_shard(s, g, shards))
         .map_err(|e| format!("iii-stream: re-homing failed: {e}"))?;
     drop(stores);
     for index in stale {
@@ -179,47 +182,9 @@ pub fn prepare(kv: &KvConfig, shards: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs fdatasync off the shard thread: one request at a time, answered on a oneshot.
-pub struct Syncer {
-    requests: std::sync::mpsc::Sender<oneshot::Sender<std::io::Result<()>>>,
-}
-
-impl Syncer {
-    pub fn start(handle: FlushHandle, shard: usize) -> Syncer {
-        let (requests, inbox) = std::sync::mpsc::channel::<oneshot::Sender<std::io::Result<()>>>();
-        let spawned = std::thread::Builder::new().name(format!("ringcast-sync-{shard}")).spawn(move || {
-            for reply in inbox {
-                let result = handle.sync();
-                if let Some(why) = result.as_ref().err().and_then(|_| handle.failure_to_report()) {
-                    report_failure_text(format_args!("of shard {shard}"), &why);
-                }
-                let _ = reply.send(result);
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the sync thread of shard {shard}: {e}");
-        }
-        Syncer { requests }
-    }
-
-    /// Makes every write applied so far durable.
-    pub async fn sync(&self) -> std::io::Result<()> {
-        let (tx, rx) = oneshot::channel();
-        if self.requests.send(tx).is_err() {
-            return Err(std::io::Error::other("the sync thread is gone"));
-        }
-        rx.await.unwrap_or_else(|_| Err(std::io::Error::other("the sync thread is gone")))
-    }
-}
-
-/// Whether acknowledgements wait for the disk.
-pub fn needs_commit(kv: &KvConfig) -> bool {
-    kv.store_method == StoreMethod::FileBased && kv.durability != Durability::None
-}
-
 /// Opens shard `index`'s store; the error is the message for the start-up failure (`prepare`
 /// opened this directory moments ago, so failing now is an environment fault). Returned, not
 /// exited on, so boot reports it like any other start-up failure.
-pub fn open_for_shard(kv: &KvConfig, index: usize) -> Result<ShardStore, String> {
-    ShardStore::open(kv, index).map_err(|e| format!("shard {index}: cannot open its store: {e}"))
+pub fn open_for_shard(settings: &StoreSettings, index: usize) -> Result<ShardStore, String> {
+    ShardStore::open(settings, index).map_err(|e| format!("shard {index}: cannot open its store: {e}"))
 }

@@ -1,6 +1,9 @@
-//! Messages between the control core and the shard cores. Every core has one inbox; messages
-//! cross cores through lock-free channels, never through shared state.
+//! Messages between cores. Every core has one inbox; messages cross cores through lock-free
+//! channels, never through shared state: the control core sends group operations to a group's
+//! owner shard, shards send joins, snapshots and event frames to each other, and shards ask the
+//! control core to run functions (auth, join/leave triggers).
 
+use crate::update::UpdateOp;
 use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
 use serde_json::Value;
@@ -9,20 +12,27 @@ use serde_json::Value;
 pub type GroupKey = (String, String);
 
 /// Identifies a subscriber connection on its shard.
-pub type ConnId = u64;
+pub type SubscriberConnId = u64;
 
-/// A storage operation for the shard that owns the group.
+/// An operation on one group, run by the shard that owns it.
 #[derive(Debug)]
-pub enum StoreOp {
+pub enum GroupOp {
     Set { item: String, data: Value },
     Get { item: String },
     Delete { item: String },
     List,
-    Update { item: String, ops: Vec<ringcast_storage::update_ops::UpdateOp> },
-    /// `stream::send`: an ephemeral event, nothing stored.
-    Send { item: Option<String>, event_type: String, data: Value },
-    /// An event whose storage was done elsewhere (a custom `stream::<op>(<name>)` function).
+    Update { item: String, ops: Vec<UpdateOp> },
+    /// `stream::send`: a custom event for subscribers, nothing stored.
+    CustomEvent { item: Option<String>, event_type: String, data: Value },
+    /// A change event whose storage was done elsewhere (a custom `stream::<op>(<name>)` function).
     Emit { item: Option<String>, kind: EventKind, data: Value },
+}
+
+impl GroupOp {
+    /// Whether the operation only reads the group.
+    pub fn is_read(&self) -> bool {
+        matches!(self, GroupOp::Get { .. } | GroupOp::List)
+    }
 }
 
 /// What a mutation did, as subscribers and triggers see it.
@@ -43,9 +53,9 @@ impl EventKind {
     }
 }
 
-/// The owner shard's answer to a `StoreOp`.
+/// The owner shard's answer to a `GroupOp`.
 #[derive(Debug)]
-pub struct StoreReply {
+pub struct GroupOpReply {
     /// The function's result (`None` = no result), or an error `(code, message)`.
     pub result: Result<Option<Value>, (String, String)>,
     /// The event's subscriber frame, when the operation produced one (for `stream` triggers).
@@ -55,20 +65,33 @@ pub struct StoreReply {
 /// A message to a shard's inbox.
 pub enum ShardMsg {
     /// From the control core: run `op` on group `key`.
-    Store { key: GroupKey, op: StoreOp, reply: oneshot::Sender<StoreReply> },
+    GroupOp { key: GroupKey, op: GroupOp, reply: oneshot::Sender<GroupOpReply> },
     /// From the control core: groups of `stream` held by this shard.
     ListGroups { stream: String, reply: oneshot::Sender<Vec<String>> },
     /// From the control core: every stream and its groups held by this shard.
     ListStreams { reply: oneshot::Sender<Vec<(String, Vec<String>)>> },
     /// From a shard with a new subscriber: register interest and send back a snapshot.
-    Join { from_shard: usize, conn: ConnId, join_id: u64, key: GroupKey, item: Option<String> },
+    Join(JoinRequest),
     /// From a shard: one subscription of `key` there has ended.
     Leave { from_shard: usize, key: GroupKey },
     /// From the owner: the `sync` frame of a subscription, taken at the point in the group's
     /// event sequence after which `Deliver`s for it follow.
-    Synced { conn: ConnId, join_id: u64, key: GroupKey, snapshot: Snapshot },
+    Synced { conn: SubscriberConnId, join_id: u64, key: GroupKey, snapshot: Snapshot },
     /// From the owner: one event frame of `key`, for this shard's subscribers.
     Deliver { key: GroupKey, item: Option<String>, frame: Bytes },
+}
+
+/// A subscription asking the owner of `key` for its snapshot (and so for its events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinRequest {
+    /// The shard serving the subscriber.
+    pub from_shard: usize,
+    pub conn: SubscriberConnId,
+    /// Tells this subscription from an earlier one with the same id on the same connection.
+    pub join_id: u64,
+    pub key: GroupKey,
+    /// `Some`: one item of the group; `None`: the whole group.
+    pub item: Option<String>,
 }
 
 /// A join's `sync` frame, or the close code and reason the subscriber gets instead.
