@@ -182,6 +182,11 @@ where
         .map_err(|source| SpawnError { name: name.to_string(), cpu, source })
 }
 
+/// Milliseconds since the Unix epoch: event timestamps, worker connection times.
+pub fn unix_time_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// How often a core looks at the shutdown flag set by the signal handler.
 pub const SHUTDOWN_POLL: Duration = Duration::from_millis(25);
 /// Time given to writers to flush close frames and error answers before an executor stops.
