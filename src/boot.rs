@@ -7,6 +7,7 @@ use ringcast_shards::shard::ShardContext;
 use crate::stream::StreamService;
 use crate::{control, stream, EXIT_START_FAILED};
 use ringcast_shards::runtime::{self, CorePlan};
+use ringcast_shards::store::StoreStartError;
 use std::cell::RefCell;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::OwnedFd;
@@ -23,13 +24,26 @@ pub fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
-/// A start-up failure, phrased for the user.
-struct StartError(String);
-
-impl From<ConfigError> for StartError {
-    fn from(e: ConfigError) -> Self {
-        StartError(e.to_string())
-    }
+/// A start-up failure: logged as one line, then exit code 2.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Placement(#[from] runtime::PlacementError),
+    #[error(transparent)]
+    LockedMemory(#[from] runtime::MemlockError),
+    #[error(transparent)]
+    Executor(#[from] runtime::SpawnError),
+    #[error(transparent)]
+    Store(#[from] StoreStartError),
+    /// A listening socket (`what`: the worker or stream port) that cannot be set up.
+    #[error("{what}: {problem}")]
+    Listen { what: &'static str, problem: String },
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+    #[error("cannot start a watcher thread: {0}")]
+    Watcher(std::io::Error),
 }
 
 /// `ringcast check-config PATH`.
@@ -97,7 +111,7 @@ enum CoreEnd {
     /// Returned normally.
     Done,
     /// Returned a start-up failure (a shard that could not open its store).
-    StartFailed(String),
+    StartFailed(StoreStartError),
     /// Panicked (the panic message itself was printed by the panic hook).
     Died(String),
 }
@@ -121,21 +135,22 @@ fn watch<T: Send + 'static>(
             let _ = ends.send((name, end));
         })
         .map(|_| ())
-        .map_err(|e| StartError(format!("cannot start a watcher thread: {e}")))
+        .map_err(StartError::Watcher)
 }
 
 const BIND_RETRIES: u32 = 25;
 const BIND_RETRY_PAUSE: Duration = Duration::from_millis(40);
 
 /// Binds a listening TCP socket now, so a port in use is reported before anything starts.
-fn bind(host: &str, port: u16, what: &str, reuse_port: bool) -> Result<(OwnedFd, SocketAddr), StartError> {
+fn bind(host: &str, port: u16, what: &'static str, reuse_port: bool) -> Result<(OwnedFd, SocketAddr), StartError> {
+    let failed = |problem: String| StartError::Listen { what, problem };
     let addr = (host, port)
         .to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
-        .ok_or_else(|| StartError(format!("{what}: cannot resolve host {host:?}")))?;
+        .ok_or_else(|| failed(format!("cannot resolve host {host:?}")))?;
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
-        .map_err(|e| StartError(format!("{what}: cannot create socket: {e}")))?;
+        .map_err(|e| failed(format!("cannot create socket: {e}")))?;
     let _ = socket.set_reuse_address(true);
     if reuse_port {
         let _ = socket.set_reuse_port(true);
@@ -154,16 +169,12 @@ fn bind(host: &str, port: u16, what: &str, reuse_port: bool) -> Result<(OwnedFd,
     };
     bound.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
-            StartError(format!(
-                "{what}: port {port} on {host} is already in use; stop the other process or choose another port in the config"
-            ))
+            failed(format!("port {port} on {host} is already in use; stop the other process or choose another port in the config"))
         } else {
-            StartError(format!("{what}: cannot bind {addr}: {e}"))
+            failed(format!("cannot bind {addr}: {e}"))
         }
     })?;
-    socket
-        .listen(4096)
-        .map_err(|e| StartError(format!("{what}: cannot listen on {addr}: {e}")))?;
+    socket.listen(4096).map_err(|e| failed(format!("cannot listen on {addr}: {e}")))?;
     let local = socket.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(addr);
     Ok((socket.into(), local))
 }
@@ -172,8 +183,8 @@ fn bind(host: &str, port: u16, what: &str, reuse_port: bool) -> Result<(OwnedFd,
 pub fn run(cli: &Cli) -> i32 {
     match start(cli) {
         Ok(()) => 0,
-        Err(StartError(message)) => {
-            tracing::error!("{message}");
+        Err(error) => {
+            tracing::error!("{error}");
             EXIT_START_FAILED
         }
     }
@@ -184,9 +195,8 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     for worker in &config.unsupported_workers {
         tracing::warn!("worker {worker} is not supported by ringcast; it will not start");
     }
-    let plan = CorePlan::new(&runtime::allowed_cpus(), cli.shards, cli.control_core).map_err(StartError)?;
-    let io_memory = runtime::io_memory_per_executor(plan.executor_count(), runtime::memlock_limit())
-        .map_err(|e| StartError(e.to_string()))?;
+    let plan = CorePlan::new(&runtime::allowed_cpus(), cli.shards, cli.control_core)?;
+    let io_memory = runtime::io_memory_per_executor(plan.executor_count(), runtime::memlock_limit())?;
 
     // Metrics first: once the worker port answers, /metrics does too.
     let metrics = crate::metrics::Metrics::new(plan.shard_cpus.len());
@@ -208,7 +218,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let mut shard_config = None;
     if let Some(stream) = &config.stream {
         let shards = crate::shard_config::shard_config(stream);
-        ringcast_shards::store::prepare(&shards.store, plan.shard_cpus.len()).map_err(StartError)?;
+        ringcast_shards::store::prepare(&shards.store, plan.shard_cpus.len())?;
         shard_config = Some(shards);
         for _ in &plan.shard_cpus {
             let (fd, addr) = bind(&stream.host, stream.port, "iii-stream", true)?;
@@ -220,7 +230,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, shutdown.clone())
-            .map_err(|e| StartError(format!("cannot install signal handler: {e}")))?;
+            .map_err(StartError::Signal)?;
     }
 
     let shard_count = plan.shard_cpus.len();
@@ -249,8 +259,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     };
     let control = runtime::spawn_pinned("ringcast-control", plan.control_cpu, io_memory, spin_on(plan.control_cpu), move || {
         control::run(worker_fd, control_config, control_metrics, control_flag, install)
-    })
-    .map_err(StartError)?;
+    })?;
 
     let mut shards = Vec::new();
     let mut stream_fds = stream_fds.into_iter();
@@ -277,7 +286,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
             Ok(h) => shards.push((format!("ringcast-shard-{index}"), h)),
             Err(e) => {
                 shutdown.store(true, Ordering::Relaxed);
-                return Err(StartError(e));
+                return Err(e.into());
             }
         }
     }
@@ -302,7 +311,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let cores = 1 + shards.len();
     let watched = std::iter::once(watch("ringcast-control".into(), control, ends_tx.clone(), |()| CoreEnd::Done))
         .chain(shards.into_iter().map(|(name, h)| {
-            watch(name, h, ends_tx.clone(), |r: Result<(), String>| r.map_or_else(CoreEnd::StartFailed, |()| CoreEnd::Done))
+            watch(name, h, ends_tx.clone(), |r: Result<(), StoreStartError>| r.map_or_else(CoreEnd::StartFailed, |()| CoreEnd::Done))
         }))
         .collect::<Result<Vec<()>, StartError>>();
     drop(ends_tx);
@@ -317,9 +326,9 @@ fn start(cli: &Cli) -> Result<(), StartError> {
                 tracing::error!("{name} ended unexpectedly; exiting ({EXIT_CORE_DIED}) so a supervisor can restart ringcast");
                 std::process::exit(EXIT_CORE_DIED);
             }
-            CoreEnd::StartFailed(message) => {
+            CoreEnd::StartFailed(error) => {
                 shutdown.store(true, Ordering::Relaxed);
-                return Err(StartError(message));
+                return Err(error.into());
             }
             CoreEnd::Died(why) => {
                 tracing::error!("{name} died ({why}); exiting ({EXIT_CORE_DIED}) so a supervisor can restart ringcast");

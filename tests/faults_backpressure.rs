@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,18 +16,11 @@ use tungstenite::{Message, WebSocket};
 /// The most an unrelated stream call may take while stalled readers exist.
 const ANSWER_BOUND: Duration = Duration::from_millis(500);
 
-fn http_get(port: u16, path: &str) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
-}
-
 /// A metric summed over its shards.
 fn metric_sum(port: u16, name: &str) -> u64 {
     let prefix = format!("{name}{{");
-    http_get(port, "/metrics")
+    http_get(port, "/metrics", FRAME_WAIT)
+        .unwrap()
         .lines()
         .filter(|l| l.starts_with(&prefix))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())

@@ -17,10 +17,6 @@ use tungstenite::Message;
 /// How long the engine may take to notice a fault and free what it held.
 const RECOVERY: Duration = Duration::from_secs(6);
 
-fn fd_count(engine: &Engine) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", engine.child.id())).map(|d| d.count()).unwrap_or(usize::MAX)
-}
-
 /// The engine's fd count at rest: after one subscriber came and left cleanly (so lazily opened
 /// fds are already there) and once the count holds still for 300 ms.
 fn baseline_fds(engine: &Engine) -> usize {
@@ -28,27 +24,17 @@ fn baseline_fds(engine: &Engine) -> usize {
     warm.join_sync("warm-up", "warm", "g", None);
     warm.ws.close(None).unwrap();
     while warm.ws.read().is_ok() {}
-    let mut last = fd_count(engine);
+    let mut last = engine.fd_count();
     let mut stable_since = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline && stable_since.elapsed() < Duration::from_millis(300) {
         std::thread::sleep(Duration::from_millis(20));
-        let now = fd_count(engine);
+        let now = engine.fd_count();
         if now != last {
             (last, stable_since) = (now, Instant::now());
         }
     }
     last
-}
-
-fn rss_kib(engine: &Engine) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", engine.child.id())).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Polls `condition` until it holds or `limit` passes; returns whether it held.
@@ -65,17 +51,9 @@ fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     }
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 /// A gauge or counter of the metrics endpoint.
 fn metric(port: u16, line_start: &str) -> u64 {
-    let text = http_get(port, "/metrics");
+    let text = http_get(port, "/metrics", FRAME_WAIT).unwrap();
     text.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
@@ -94,7 +72,7 @@ fn subscribers_and_subscriptions(metrics_port: u16) -> (u64, u64) {
 
 /// Asserts the engine is back to `baseline` fds with no subscriber or subscription left.
 fn assert_recovered(engine: &Engine, metrics_port: u16, baseline: usize, what: &str) {
-    assert!(eventually(RECOVERY, || fd_count(engine) <= baseline), "{what}: engine fds {} did not return to {baseline}", fd_count(engine));
+    assert!(eventually(RECOVERY, || engine.fd_count() <= baseline), "{what}: engine fds {} did not return to {baseline}", engine.fd_count());
     assert!(eventually(RECOVERY, || subscribers_and_subscriptions(metrics_port) == (0, 0)), "{what}: gauges {:?}", subscribers_and_subscriptions(metrics_port));
 }
 
@@ -122,7 +100,7 @@ fn clients_that_vanish_with_fin_free_their_sockets() {
     let engine = engine_with_metrics(metrics_port, "");
     let baseline = baseline_fds(&engine);
     let subs = joined_subscribers(&engine, 10);
-    assert!(fd_count(&engine) >= baseline + 10);
+    assert!(engine.fd_count() >= baseline + 10);
     drop(subs); // close(2) without a WebSocket close frame: a FIN
     assert_recovered(&engine, metrics_port, baseline, "FIN");
     Subscriber::connect(&engine).join_sync("after", "faults", "g", None);
@@ -309,7 +287,7 @@ fn leave_flood_against_a_slow_trigger_worker_stays_bounded() {
     app.register_function("app::on_leave");
     app.send(json!({"type": "registertrigger", "id": "l", "trigger_type": "stream:leave", "function_id": "app::on_leave", "config": {}}));
     app.sync();
-    let rss_before = rss_kib(&engine);
+    let rss_before = engine.rss_kib();
 
     let mut sub = Subscriber::connect(&engine);
     if let MaybeTlsStream::Plain(s) = sub.ws.get_ref() {
@@ -341,7 +319,7 @@ fn leave_flood_against_a_slow_trigger_worker_stays_bounded() {
         }
     }
     assert!(!calls.is_empty() && calls.len() <= 8, "{} leave calls in flight (at most 8 per connection)", calls.len());
-    let grown = rss_kib(&engine).saturating_sub(rss_before);
+    let grown = engine.rss_kib().saturating_sub(rss_before);
     assert!(grown < 24 << 10, "engine RSS grew by {grown} KiB");
 
     // Answering frees the window: more leaves come.

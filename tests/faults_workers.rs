@@ -12,20 +12,6 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 use tungstenite::stream::MaybeTlsStream;
 
-fn pid(engine: &Engine) -> u32 {
-    engine.child.id()
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 fn tcp(worker: &Worker) -> &TcpStream {
     match worker.ws.get_ref() {
         MaybeTlsStream::Plain(s) => s,
@@ -44,15 +30,6 @@ fn wait_until(what: &str, mut tick: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn http_get(port: u16, path: &str, timeout: Duration) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
 }
 
 fn metric(text: &str, name: &str) -> u64 {
@@ -112,7 +89,7 @@ fn worker_that_stops_reading_is_closed_with_4008_and_memory_stays_bounded() {
     stalled.register_function("stalled::work");
     let pending = invoke(&mut caller, "stalled::work", json!({}));
     assert_eq!(stalled.recv_type("invokefunction")["invocation_id"], pending.as_str());
-    let baseline = rss_kib(pid(&engine));
+    let baseline = engine.rss_kib();
 
     // 250 small requests for a 1 MiB item, none of whose answers is read.
     for _ in 0..250 {
@@ -135,7 +112,7 @@ fn worker_that_stops_reading_is_closed_with_4008_and_memory_stays_bounded() {
     assert_eq!(metric(&text, "ringcast_worker_outbox_closes_total"), 1);
     assert_eq!(metric(&text, "ringcast_workers_connected"), 1);
     wait_until("engine RSS back within 32 MiB of its baseline", || {
-        rss_kib(pid(&engine)) <= baseline + limit_kib
+        engine.rss_kib() <= baseline + limit_kib
     });
     // The engine still serves the item to a worker that reads.
     let got = caller.ok("stream::get", json!({"stream_name": "big", "group_id": "g", "item_id": "item"}));
@@ -149,7 +126,6 @@ fn vanished_workers_free_their_socket_and_registrations() {
         "      max_value_bytes: 4194304\n",
         &["--shards", "1"],
     );
-    let pid = pid(&engine);
     let mut observer = Worker::connect(&engine);
     observer.set("big", "g", "item", json!("y".repeat(1 << 20)));
     // One clean connect/close cycle first, so lazily opened engine fds are in the baseline.
@@ -159,7 +135,7 @@ fn vanished_workers_free_their_socket_and_registrations() {
     let _ = warmup.recv_close();
     drop(warmup);
     wait_until("warm-up worker gone", || !function_ids(&mut observer).contains(&"warm::up".to_string()));
-    let baseline = fd_count(pid);
+    let baseline = engine.fd_count();
 
     let mut keep_alive = Vec::new();
     for mode in ["fin", "rst", "half-open-with-queue", "silent"] {
@@ -200,7 +176,7 @@ fn vanished_workers_free_their_socket_and_registrations() {
     }
     wait_until("engine fds back to baseline", || {
         observer.sync();
-        fd_count(pid) <= baseline
+        engine.fd_count() <= baseline
     });
     let workers = observer.ok("engine::workers::list", json!({}));
     assert_eq!(workers["workers"].as_array().map(Vec::len), Some(1), "{workers}");

@@ -2,13 +2,8 @@
 //! values spliced in verbatim; `wsframe` wraps it in a WebSocket frame. The same text is the
 //! `stream` trigger payload.
 
+use crate::runtime::unix_time_ms;
 use std::fmt::Write;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Milliseconds since the Unix epoch (the events' `timestamp`).
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 fn push_json_str(out: &mut String, s: &str) {
     // Serialising a &str cannot fail; an empty string stands in rather than a panic.
@@ -22,7 +17,7 @@ fn push_json_str(out: &mut String, s: &str) {
 /// `event_body`, which must be the JSON object of the event.
 fn envelope(stream: &str, group: &str, item: Option<&str>, event_body: &str) -> String {
     let mut out = String::with_capacity(96 + stream.len() + group.len() + event_body.len());
-    let _ = write!(out, "{{\"type\":\"stream\",\"timestamp\":{},\"streamName\":", now_ms());
+    let _ = write!(out, "{{\"type\":\"stream\",\"timestamp\":{},\"streamName\":", unix_time_ms());
     push_json_str(&mut out, stream);
     out.push_str(",\"groupId\":");
     push_json_str(&mut out, group);

@@ -37,6 +37,29 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// Why the executors cannot be placed as asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlacementError {
+    #[error("--control-core {cpu} is not a CPU this process may run on (allowed: {allowed:?})")]
+    ControlCpuNotAllowed { cpu: usize, allowed: Vec<usize> },
+    #[error("--shards must be at least 1")]
+    NoShards,
+}
+
+/// An executor that could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot start executor {name} on CPU {cpu}: {source} (if this is an out-of-memory or \
+     permission error from io_uring, raise the locked memory limit with `ulimit -l` or start \
+     fewer shards with --shards)"
+)]
+pub struct SpawnError {
+    pub name: String,
+    pub cpu: usize,
+    pub source: glommio::GlommioError<()>,
+}
+
 /// Where each executor runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CorePlan {
@@ -48,17 +71,15 @@ impl CorePlan {
     /// Places the control executor on `control_cpu` (default: the first CPU) and `shards` shard
     /// executors (default: one per remaining CPU, at least one) round-robin over the other CPUs,
     /// adding the control CPU to the rotation when there are more shards than other CPUs.
-    pub fn new(cpus: &[usize], shards: Option<usize>, control_cpu: Option<usize>) -> Result<Self, String> {
+    pub fn new(cpus: &[usize], shards: Option<usize>, control_cpu: Option<usize>) -> Result<Self, PlacementError> {
         let cpus = if cpus.is_empty() { &[0][..] } else { cpus };
         let control_cpu = control_cpu.unwrap_or(cpus[0]);
         if !cpus.contains(&control_cpu) {
-            return Err(format!(
-                "--control-core {control_cpu} is not a CPU this process may run on (allowed: {cpus:?})"
-            ));
+            return Err(PlacementError::ControlCpuNotAllowed { cpu: control_cpu, allowed: cpus.to_vec() });
         }
         let shards = shards.unwrap_or(cpus.len().saturating_sub(1).max(1));
         if shards == 0 {
-            return Err("--shards must be at least 1".into());
+            return Err(PlacementError::NoShards);
         }
         // Shards go on the other CPUs first; only when there are more shards than those do they
         // also share the control core's CPU.
@@ -103,6 +124,8 @@ impl fmt::Display for MemlockError {
     }
 }
 
+impl std::error::Error for MemlockError {}
+
 /// Chooses the per-executor I/O buffer size that fits `limit_bytes` of locked memory, or says
 /// how much is missing. `None` = unlimited (or the process may lock memory without limit).
 pub fn io_memory_per_executor(executors: usize, limit_bytes: Option<u64>) -> Result<usize, MemlockError> {
@@ -145,7 +168,7 @@ pub fn spawn_pinned<G, F, T>(
     io_memory: usize,
     spin: std::time::Duration,
     fut_gen: G,
-) -> Result<glommio::ExecutorJoinHandle<T>, String>
+) -> Result<glommio::ExecutorJoinHandle<T>, SpawnError>
 where
     G: FnOnce() -> F + Send + 'static,
     F: Future<Output = T> + 'static,
@@ -156,13 +179,12 @@ where
         .io_memory(io_memory)
         .spin_before_park(spin)
         .spawn(fut_gen)
-        .map_err(|e| {
-            format!(
-                "cannot start executor {name} on CPU {cpu}: {e} (if this is an out-of-memory or \
-                 permission error from io_uring, raise the locked memory limit with `ulimit -l` \
-                 or start fewer shards with --shards)"
-            )
-        })
+        .map_err(|source| SpawnError { name: name.to_string(), cpu, source })
+}
+
+/// Milliseconds since the Unix epoch: event timestamps, worker connection times.
+pub fn unix_time_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// How often a core looks at the shutdown flag set by the signal handler.

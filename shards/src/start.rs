@@ -30,7 +30,7 @@ pub async fn run(
     inbox: futures_channel::mpsc::UnboundedReceiver<ShardMsg>,
     listener_fd: std::os::fd::OwnedFd,
     shutdown: Arc<AtomicBool>,
-) -> Result<(), String> {
+) -> Result<(), crate::store::StoreStartError> {
     let index = ctx.index;
     let store = crate::store::open_for_shard(&ctx.config.store, index)?;
     let stall_timeout = ctx.config.slow_subscriber_timeout;

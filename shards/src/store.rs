@@ -30,9 +30,27 @@ fn shard_dir(root: &Path, shard: usize) -> PathBuf {
 /// (tests/faults_disk.rs); never set it in production.
 pub const FAIL_SYNC_AFTER_ENV: &str = "RINGCAST_TEST_FAIL_SYNC_AFTER";
 
+/// Why a shard's store could not be made ready at start-up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreStartError {
+    /// A shard directory cannot be opened (I/O, or corruption a crash cannot explain).
+    #[error("iii-stream: {0}")]
+    Open(#[from] ringcast_storage::file::OpenError),
+    #[error("iii-stream: cannot create {}: {source}", dir.display())]
+    CreateDir { dir: PathBuf, source: std::io::Error },
+    #[error("iii-stream: re-homing failed: {0}")]
+    Rehome(#[from] ringcast_storage::StoreError),
+    #[error("iii-stream: cannot remove {}: {source}", dir.display())]
+    RemoveDir { dir: PathBuf, source: std::io::Error },
+    /// A shard's own directory, opened by `prepare` moments before, fails now.
+    #[error("shard {shard}: cannot open its store: {source}")]
+    Shard { shard: usize, source: Box<StoreStartError> },
+}
+
 /// Opens a file store directory, logging a torn tail that recovery cut off.
-fn open_file_store(dir: &Path, options: FileOptions) -> Result<FileStore, String> {
-    let store = FileStore::open(dir, options).map_err(|e| e.to_string())?;
+fn open_file_store(dir: &Path, options: FileOptions) -> Result<FileStore, StoreStartError> {
+    let store = FileStore::open(dir, options)?;
     if let Some(torn) = store.torn_tail() {
         tracing::warn!(
             file = %torn.file.display(),
@@ -61,7 +79,7 @@ pub(crate) fn report_failure_text(store: impl std::fmt::Display, why: &str) {
 
 impl ShardStore {
     /// Opens shard `index`'s store as configured.
-    pub fn open(settings: &StoreSettings, index: usize) -> Result<ShardStore, String> {
+    pub fn open(settings: &StoreSettings, index: usize) -> Result<ShardStore, StoreStartError> {
         match &settings.location {
             StoreLocation::Memory => Ok(ShardStore::Memory(MemoryStore::new())),
             &StoreLocation::File { ref root, segment_size, compaction_threshold } => {
@@ -159,22 +177,21 @@ fn existing_shards(root: &Path) -> Vec<usize> {
 /// Before the shards start: opens (and so verifies) every shard directory and moves items whose
 /// group now belongs to another shard — including everything in directories of shards that no
 /// longer exist — then removes those directories. Nothing to do for an in-memory store.
-pub fn prepare(settings: &StoreSettings, shards: usize) -> Result<(), String> {
+pub fn prepare(settings: &StoreSettings, shards: usize) -> Result<(), StoreStartError> {
     let &StoreLocation::File { ref root, segment_size, compaction_threshold } = &settings.location else { return Ok(()) };
     let root = root.as_path();
     let options = options(segment_size, compaction_threshold, settings.commit);
-    std::fs::create_dir_all(root).map_err(|e| format!("iii-stream: cannot create {}: {e}", root.display()))?;
-    let open = |index: usize| open_file_store(&shard_dir(root, index), options).map_err(|e| format!("iii-stream: {e}"));
+    std::fs::create_dir_all(root).map_err(|source| StoreStartError::CreateDir { dir: root.to_owned(), source })?;
+    let open = |index: usize| open_file_store(&shard_dir(root, index), options);
     let stale: Vec<usize> = existing_shards(root).into_iter().filter(|&i| i >= shards).collect();
     // Current shards first (index = shard), then the stale ones, which own nothing.
     let mut stores: Vec<FileStore> = (0..shards).chain(stale.iter().copied()).map(open).collect::<Result<_, _>>()?;
     // Copies are synced at their owners before any source deletes (see `rehome`).
-    let moved = ringcast_storage::file::rehome(&mut stores, |s, g| crate::routing::owner_shard(s, g, shards))
-        .map_err(|e| format!("iii-stream: re-homing failed: {e}"))?;
+    let moved = ringcast_storage::file::rehome(&mut stores, |s, g| crate::routing::owner_shard(s, g, shards))?;
     drop(stores);
     for index in stale {
         let dir = shard_dir(root, index);
-        std::fs::remove_dir_all(&dir).map_err(|e| format!("iii-stream: cannot remove {}: {e}", dir.display()))?;
+        std::fs::remove_dir_all(&dir).map_err(|source| StoreStartError::RemoveDir { dir: dir.clone(), source })?;
     }
     if moved > 0 {
         tracing::info!(moved, shards, "file store: re-homed items for the new shard count");
@@ -185,6 +202,6 @@ pub fn prepare(settings: &StoreSettings, shards: usize) -> Result<(), String> {
 /// Opens shard `index`'s store; the error is the message for the start-up failure (`prepare`
 /// opened this directory moments ago, so failing now is an environment fault). Returned, not
 /// exited on, so boot reports it like any other start-up failure.
-pub fn open_for_shard(settings: &StoreSettings, index: usize) -> Result<ShardStore, String> {
-    ShardStore::open(settings, index).map_err(|e| format!("shard {index}: cannot open its store: {e}"))
+pub fn open_for_shard(settings: &StoreSettings, index: usize) -> Result<ShardStore, StoreStartError> {
+    ShardStore::open(settings, index).map_err(|e| StoreStartError::Shard { shard: index, source: Box::new(e) })
 }

@@ -11,7 +11,6 @@ use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 /// The control core's number for a worker connection; never reused.
@@ -134,11 +133,6 @@ impl std::ops::Index<WorkerConnId> for Workers {
     }
 }
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-fn unix_time_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 impl Engine {
     /// Registers a new worker connection and queues its `workerregistered` frame.
     pub fn connect(&mut self, outbox: Rc<Outbox>, ip_address: String) -> WorkerConnId {
@@ -150,7 +144,7 @@ impl Engine {
             namespace: DEFAULT_NS.to_string(),
             namespace_declared: false,
             meta: WorkerMeta::default(),
-            connected_at_ms: unix_time_ms(),
+            connected_at_ms: ringcast_shards::runtime::unix_time_ms(),
             ip_address,
             functions: HashSet::new(),
             trigger_types: HashSet::new(),

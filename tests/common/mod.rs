@@ -85,6 +85,22 @@ impl Engine {
         }
     }
 
+    /// Open file descriptors of the engine process (`/proc/<pid>/fd`).
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map(|d| d.count()).unwrap_or(usize::MAX)
+    }
+
+    /// Resident memory of the engine process in KiB (`VmRSS` of `/proc/<pid>/status`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn url(&self) -> String {
         format!("ws://127.0.0.1:{}/", self.worker_port)
     }
@@ -242,6 +258,17 @@ impl Worker {
             "function_id": call["function_id"], "result": result
         }));
     }
+}
+
+/// `GET path` on a loopback HTTP port (the metrics endpoint): the whole response.
+pub fn http_get(port: u16, path: &str, timeout: Duration) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
 }
 
 pub fn uuid() -> String {
