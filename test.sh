@@ -7,6 +7,16 @@ cd "$(dirname "$0")"
 echo "== building ringcast (release) =="
 cargo build --release --workspace --all-targets
 
+echo "== clippy (indexing, unwrap and expect are denied in the protocol, URL, frame and recovery modules) =="
+if ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add clippy >/dev/null 2>&1 || true
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+    cargo clippy --release --workspace --all-targets
+else
+    echo "clippy: not available on this toolchain; the lints are not checked"
+fi
+
 echo "== Rust unit and integration tests =="
 cargo test --release --workspace
 cargo bench --no-run --workspace

@@ -44,7 +44,7 @@ fn invoke_frame(size: usize) -> String {
     let mut len = 0;
     let mut i = 0u64;
     while len < size {
-        let record = serde_json::json!({"id": i, "name": format!("user-{i}"), "score": i as f64 * 1.5, "tags": ["a", "b"], "active": i % 2 == 0});
+        let record = serde_json::json!({"id": i, "name": format!("user-{i}"), "score": i as f64 * 1.5, "tags": ["a", "b"], "active": i.is_multiple_of(2)});
         len += record.to_string().len() + 1;
         records.push(record);
         i += 1;
