@@ -76,6 +76,8 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
 
     let route = Rc::new(Cell::new(None));
     let chosen = route.clone();
+    // The error type is tungstenite's (an HTTP response); it is built once per refused upgrade.
+    #[allow(clippy::result_large_err)]
     let callback = move |request: &Request, response: Response| {
         let path = request.uri().path();
         match path {
