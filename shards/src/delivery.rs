@@ -99,8 +99,9 @@ pub fn stalled(table: &SubscriberTable, now: Instant, limit: Duration) -> Vec<Su
     table.iter().filter(|(_, c)| c.queue.stalled_for(now).is_some_and(|d| d >= limit)).map(|(id, _)| id).collect()
 }
 
-/// How often a shard looks for stalled subscribers: a quarter of the timeout, so one is closed
-/// at most 25% late, within bounds that keep the scan cheap.
+/// How often a shard looks for stalled subscribers: a quarter of the timeout. A queue's stall
+/// clock starts at the first check that sees it pending, so one is closed at most half a
+/// timeout late, within bounds that keep the scan cheap.
 pub fn stall_check_interval(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }

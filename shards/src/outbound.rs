@@ -41,9 +41,10 @@ struct State {
     bytes: usize,
     /// Bytes of the batch the writer took and has not reported written yet.
     writing: usize,
-    /// When the socket last took bytes, or when the queue last went from nothing pending to
-    /// something pending (the stall clock starts then).
-    progress_at: Instant,
+    /// When the socket last took bytes. `None` once the queue goes from nothing pending to
+    /// something pending: the stall clock then starts at the next `stalled_for`, so event
+    /// fan-out reads no clock per subscriber (the shard's stall check reads it instead).
+    progress_at: Option<Instant>,
     /// Bytes queued on all the connections of this shard, for the metrics (read by peers).
     shard_total: Arc<AtomicUsize>,
     /// Set once: the last frame to write (a close frame), after which the writer stops.
@@ -64,7 +65,7 @@ impl State {
     /// The socket took `n` bytes.
     fn progressed(&mut self, n: usize) {
         if n > 0 {
-            self.progress_at = Instant::now();
+            self.progress_at = Some(Instant::now());
         }
     }
 }
@@ -97,7 +98,7 @@ impl OutQueue {
             frames: VecDeque::new(),
             bytes: 0,
             writing: 0,
-            progress_at: Instant::now(),
+            progress_at: None,
             shard_total,
             closing: None,
             waker: None,
@@ -139,7 +140,7 @@ impl OutQueue {
             return Push::Overflow;
         }
         if pending == 0 {
-            state.progress_at = Instant::now();
+            state.progress_at = None;
         }
         state.bytes += frame.len();
         state.shard_total.fetch_add(frame.len(), Ordering::Relaxed);
@@ -237,11 +238,12 @@ impl OutQueue {
     /// How long the connection has held bytes to write without the socket taking any; `None`
     /// when nothing is pending or it is already closing (its close is under way).
     pub fn stalled_for(&self, now: Instant) -> Option<Duration> {
-        let state = self.state.borrow();
+        let mut state = self.state.borrow_mut();
         if state.pending() == 0 || state.closing.is_some() {
             return None;
         }
-        Some(now.saturating_duration_since(state.progress_at))
+        let since = *state.progress_at.get_or_insert_with(Instant::now);
+        Some(now.saturating_duration_since(since))
     }
 
     /// Waits until there is something to write and takes all of it. Coming back for more means
