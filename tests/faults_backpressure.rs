@@ -27,15 +27,6 @@ fn metric_sum(port: u16, name: &str) -> u64 {
         .sum()
 }
 
-/// Polls `condition` every 10 ms until it holds, failing after `limit`.
-fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// A subscriber on a raw TCP socket with a tiny receive buffer, so the engine's writes to it
 /// stall as soon as it stops reading.
 fn stalled_subscriber(engine: &Engine) -> WebSocket<TcpStream> {

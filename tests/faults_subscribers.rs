@@ -37,20 +37,6 @@ fn baseline_fds(engine: &Engine) -> usize {
     last
 }
 
-/// Polls `condition` until it holds or `limit` passes; returns whether it held.
-fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A gauge or counter of the metrics endpoint.
 fn metric(port: u16, line_start: &str) -> u64 {
     let text = http_get(port, "/metrics", FRAME_WAIT).unwrap();

@@ -19,18 +19,9 @@ fn tcp(worker: &Worker) -> &TcpStream {
     }
 }
 
-/// Polls `cond` every 20 ms for up to 5 s; `tick` runs before each check (it keeps the
-/// observer worker talking, so the ping timeout never hits it).
-fn wait_until(what: &str, mut tick: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if tick() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// How long a fault test waits for the engine to clean up (the condition is polled; where it
+/// asks the observer worker, that also keeps it talking, so its ping timeout never hits it).
+const CLEANUP_WAIT: Duration = Duration::from_secs(5);
 
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
@@ -111,7 +102,7 @@ fn worker_that_stops_reading_is_closed_with_4008_and_memory_stays_bounded() {
     let (text, limit_kib) = (http_get(port, "/metrics", FRAME_WAIT).unwrap(), 32 * 1024);
     assert_eq!(metric(&text, "ringcast_worker_outbox_closes_total"), 1);
     assert_eq!(metric(&text, "ringcast_workers_connected"), 1);
-    wait_until("engine RSS back within 32 MiB of its baseline", || {
+    wait_until(CLEANUP_WAIT, "engine RSS back within 32 MiB of its baseline", || {
         engine.rss_kib() <= baseline + limit_kib
     });
     // The engine still serves the item to a worker that reads.
@@ -134,7 +125,7 @@ fn vanished_workers_free_their_socket_and_registrations() {
     warmup.ws.close(None).unwrap();
     let _ = warmup.recv_close();
     drop(warmup);
-    wait_until("warm-up worker gone", || !function_ids(&mut observer).contains(&"warm::up".to_string()));
+    wait_until(CLEANUP_WAIT, "warm-up worker gone", || !function_ids(&mut observer).contains(&"warm::up".to_string()));
     let baseline = engine.fd_count();
 
     let mut keep_alive = Vec::new();
@@ -169,12 +160,12 @@ fn vanished_workers_free_their_socket_and_registrations() {
 
     for mode in ["fin", "rst", "half-open-with-queue", "silent"] {
         let function = format!("gone::{mode}");
-        wait_until(&format!("{function} unregistered"), || {
+        wait_until(CLEANUP_WAIT, &format!("{function} unregistered"), || {
             let answer = observer.call(&function, json!({}));
             answer["error"]["code"] == "function_not_found" && !function_ids(&mut observer).contains(&function)
         });
     }
-    wait_until("engine fds back to baseline", || {
+    wait_until(CLEANUP_WAIT, "engine fds back to baseline", || {
         observer.sync();
         engine.fd_count() <= baseline
     });
@@ -237,7 +228,7 @@ fn builtin_functions_and_trigger_types_cannot_be_taken_over() {
     hostile.ws.close(None).unwrap();
     let _ = hostile.recv_close();
     drop(hostile);
-    wait_until("hostile worker gone", || {
+    wait_until(CLEANUP_WAIT, "hostile worker gone", || {
         app.ok("engine::workers::list", json!({}))["workers"].as_array().map(Vec::len) == Some(1)
     });
     assert_eq!(app.set("s", "g", "i", json!(2)), json!({"old_value": 1, "new_value": 2}));
@@ -264,7 +255,7 @@ fn join_refusal_survives_a_hostile_stream_join_registration() {
     hostile.sync();
     socket2::SockRef::from(tcp(&hostile)).set_linger(Some(Duration::ZERO)).unwrap();
     drop(hostile);
-    wait_until("hostile worker gone", || {
+    wait_until(CLEANUP_WAIT, "hostile worker gone", || {
         app.ok("engine::workers::list", json!({}))["workers"].as_array().map(Vec::len) == Some(1)
     });
 

@@ -271,6 +271,25 @@ pub fn http_get(port: u16, path: &str, timeout: Duration) -> std::io::Result<Str
     Ok(response)
 }
 
+/// Polls `condition` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `condition` until it holds, failing the test after `limit`.
+pub fn wait_until(limit: Duration, what: &str, condition: impl FnMut() -> bool) {
+    assert!(eventually(limit, condition), "timed out after {limit:?} waiting for {what}");
+}
+
 pub fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }

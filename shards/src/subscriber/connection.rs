@@ -113,18 +113,7 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
     // Wake the writer to stop (after a close frame already queued, if any), but let it take at
     // most CLOSE_FLUSH_LIMIT: a peer that stopped reading cannot hold the socket.
     session.queue.end();
-    let flushed = futures_lite::future::or(
-        async {
-            (&mut writer).await;
-            true
-        },
-        async {
-            glommio::timer::sleep(CLOSE_FLUSH_LIMIT).await;
-            false
-        },
-    )
-    .await;
-    if !flushed {
+    if within(CLOSE_FLUSH_LIMIT, &mut writer).await.is_none() {
         // SAFETY: shutdown(2) on this connection's socket, still open (`reader` holds it); the
         // writer's pending write then fails and it ends.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
