@@ -211,6 +211,8 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     }
 
     let wm = &config.worker_manager;
+    // Started here, on an unpinned thread, so that its threads are not pinned to the control core.
+    let telemetry = crate::telemetry::Telemetry::start(&wm.telemetry, metrics.clone());
     let (worker_fd, worker_addr) = bind(&wm.host, wm.port, "iii-worker-manager", false)?;
     // One SO_REUSEPORT listener per shard on the stream port: the kernel spreads subscribers.
     let mut stream_fds = Vec::new();
@@ -247,6 +249,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     // task at once, and a join can already be waiting (the stream port is bound before the
     // control core starts).
     let install = move |engine: &Rc<RefCell<control::engine::Engine>>| {
+        engine.borrow_mut().set_telemetry(telemetry);
         control::builtins::install(&mut engine.borrow_mut());
         if let Some((service, requests)) = streams {
             stream::functions::install(&mut engine.borrow_mut(), service);

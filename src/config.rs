@@ -111,6 +111,9 @@ pub struct WorkerManagerConfig {
     /// (1001 `ping timeout`); 0 turns pings off.
     #[serde(default = "default_worker_ping_timeout_ms")]
     pub ping_timeout_ms: u64,
+    /// Worker telemetry (`/otel`): queue, log line length, optional OTLP collector.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 impl Default for WorkerManagerConfig {
@@ -125,6 +128,7 @@ impl Default for WorkerManagerConfig {
             max_outbox_bytes: default_max_outbox_bytes(),
             ping_interval_ms: default_worker_ping_interval_ms(),
             ping_timeout_ms: default_worker_ping_timeout_ms(),
+            telemetry: Default::default(),
         }
     }
 }
@@ -529,7 +533,14 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
                         return Err(ConfigError::UnsupportedKey { origin: origin.to_owned(), key });
                     }
                 }
-                worker_manager = Some(decode_section(&config, &section, origin)?);
+                let parsed: WorkerManagerConfig = decode_section(&config, &section, origin)?;
+                parsed.telemetry.validate().map_err(|(key, message)| ConfigError::InvalidValue {
+                    origin: origin.to_owned(),
+                    section: section.clone(),
+                    key: Some(format!("telemetry.{key}")),
+                    message,
+                })?;
+                worker_manager = Some(parsed);
             }
             "iii-stream" => {
                 let mut parsed: StreamConfig = decode_section(&config, &section, origin)?;

@@ -12,6 +12,7 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod shard_config;
 pub mod stream;
+pub mod telemetry;
 
 /// Exit code for "could not start": bad config, port in use, locked-memory limit.
 pub const EXIT_START_FAILED: i32 = 2;

@@ -112,7 +112,7 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
     let (sink, source) = ws.split();
     match route.get() {
         Some(Route::Worker) => serve_worker(engine, sink, source, peer).await,
-        Some(Route::Otel) => serve_otel(source).await,
+        Some(Route::Otel) => serve_otel(&engine, source, &peer).await,
         None => {}
     }
 }
@@ -174,6 +174,7 @@ async fn read_loop(
     last_inbound: &Cell<Instant>,
 ) {
     let max_depth = engine.borrow().config().max_json_depth;
+    let telemetry = engine.borrow().telemetry.clone();
     loop {
         let item = match futures_util::future::select(source.next(), std::pin::pin!(outbox.ended())).await {
             Either::Left((Some(item), _)) => item,
@@ -183,8 +184,12 @@ async fn read_loop(
         let payload = match item {
             Ok(Message::Text(text)) => text.into(),
             Ok(Message::Binary(bytes)) => {
-                if [b"OTLP", b"MTRC", b"LOGS"].iter().any(|p| bytes.starts_with(*p)) {
-                    continue; // telemetry on the main socket: accepted and discarded
+                if crate::telemetry::otlp::split_prefix(&bytes).is_some() {
+                    // Telemetry on the worker socket: to the telemetry thread, as this worker's.
+                    if let Some(telemetry) = &telemetry {
+                        telemetry.submit(bytes, crate::telemetry::Source::Worker(conn));
+                    }
+                    continue;
                 }
                 bytes
             }
@@ -309,14 +314,30 @@ async fn until_ended<E>(outbox: &Outbox, write: impl std::future::Future<Output 
     }
 }
 
-/// `/otel`: telemetry frames are accepted and discarded.
-async fn serve_otel(mut source: WebSocketReceiver<TcpStream>) {
+/// `/otel`: telemetry frames go to the telemetry thread (which decodes, logs, counts and
+/// forwards them off this core); anything else is counted and ignored; nothing is sent back.
+async fn serve_otel(engine: &Rc<RefCell<Engine>>, mut source: WebSocketReceiver<TcpStream>, peer: &str) {
+    let telemetry = engine.borrow().telemetry.clone();
+    let from: std::sync::Arc<str> = std::sync::Arc::from(peer);
     let mut frames = 0u64;
     while let Some(Ok(message)) = source.next().await {
-        if message.is_close() {
-            break;
+        let Some(telemetry) = &telemetry else {
+            if message.is_close() {
+                break;
+            }
+            continue;
+        };
+        match message {
+            Message::Binary(bytes) => {
+                frames += 1;
+                if !telemetry.submit(bytes, crate::telemetry::Source::Peer(from.clone())) {
+                    telemetry.unknown_frame();
+                }
+            }
+            Message::Text(_) => telemetry.unknown_frame(),
+            Message::Close(_) => break,
+            _ => {} // ping (answered by tungstenite), pong
         }
-        frames += 1;
     }
-    tracing::debug!(frames, "telemetry socket closed; frames discarded");
+    tracing::debug!(peer, frames, "telemetry socket closed");
 }

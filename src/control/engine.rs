@@ -33,6 +33,8 @@ pub struct Engine {
     pub(super) shutting_down: bool,
     /// Lets handlers spawn tasks that come back to the engine.
     self_ref: Weak<RefCell<Engine>>,
+    /// The telemetry thread's handle; `None` (frames discarded) until the boot code sets it.
+    pub(super) telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 impl Engine {
@@ -49,6 +51,7 @@ impl Engine {
                 functions_changed_scheduled: false,
                 shutting_down: false,
                 self_ref: self_ref.clone(),
+                telemetry: None,
             })
         })
     }
@@ -60,6 +63,11 @@ impl Engine {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Where worker telemetry frames go (set once, by the boot code).
+    pub fn set_telemetry(&mut self, telemetry: crate::telemetry::Telemetry) {
+        self.telemetry = Some(telemetry);
     }
 
     /// A handle for tasks that come back to the engine when they complete.

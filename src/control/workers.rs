@@ -182,6 +182,9 @@ impl Engine {
     pub fn disconnect(&mut self, conn: WorkerConnId) {
         let Some(c) = self.workers.remove(conn) else { return };
         self.metrics.control.workers_connected.store(self.workers.len() as u64, Relaxed);
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.worker_gone(conn);
+        }
         let mut functions_removed = false;
         for (ns, id) in &c.functions {
             if self.functions.owner(ns, id) == Some(conn) {
