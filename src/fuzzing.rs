@@ -177,3 +177,40 @@ fn listing(store: &ringcast_storage::file::FileStore) -> Listing {
     }
     out
 }
+
+/// One worker log line as the telemetry decoder renders it.
+#[derive(Debug)]
+pub struct TelemetryLine {
+    pub message: String,
+    pub data: Option<String>,
+    pub trace_id: Option<String>,
+}
+
+/// What the telemetry thread made of one frame (prefix included).
+#[derive(Debug)]
+pub enum TelemetryFrame {
+    /// No `OTLP`/`MTRC`/`LOGS` prefix.
+    NotTelemetry,
+    /// Counted as malformed and ignored.
+    Malformed,
+    /// Spans or metrics, counted.
+    Counted(usize),
+    Logs(Vec<TelemetryLine>),
+}
+
+/// A telemetry frame through `telemetry::otlp` (`split_prefix`, `decode`) with this line limit.
+pub fn telemetry_frame(frame: &[u8], max_line_bytes: usize) -> TelemetryFrame {
+    use crate::telemetry::otlp::{decode, split_prefix, Decoded};
+    let Some((kind, payload)) = split_prefix(frame) else { return TelemetryFrame::NotTelemetry };
+    match decode(kind, payload, max_line_bytes) {
+        Err(_) => TelemetryFrame::Malformed,
+        Ok(Decoded::Traces { spans }) => TelemetryFrame::Counted(spans),
+        Ok(Decoded::Metrics { metrics }) => TelemetryFrame::Counted(metrics),
+        Ok(Decoded::Logs(lines)) => TelemetryFrame::Logs(
+            lines
+                .into_iter()
+                .map(|l| TelemetryLine { message: l.message, data: l.data, trace_id: l.trace_id })
+                .collect(),
+        ),
+    }
+}

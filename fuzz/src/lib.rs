@@ -6,7 +6,7 @@
 mod update_model;
 
 use bytes::BytesMut;
-use ringcast::fuzzing::{self, UpgradeOutcome, WorkerFrame};
+use ringcast::fuzzing::{self, TelemetryFrame, UpgradeOutcome, WorkerFrame};
 use ringcast_shards::wsframe::{self, ClientFrame, FrameError};
 
 pub use update_model::update_ops;
@@ -146,4 +146,39 @@ pub fn split_segments(data: &[u8]) -> Vec<&[u8]> {
     }
     out.push(rest);
     out
+}
+
+/// A worker telemetry frame (`/otel`): the first byte picks the line limit, the rest is the
+/// frame. Besides never panicking: every rendered message and data field keeps at most the limit
+/// (plus the `…[+N bytes]` marker of a cut) and has no control character left (a worker cannot
+/// forge engine log lines), and a trace id is 32 lowercase hex digits.
+pub fn telemetry_frame(data: &[u8]) {
+    let Some((&limit, frame)) = data.split_first() else { return };
+    let limit = usize::from(limit);
+    if let TelemetryFrame::Logs(lines) = fuzzing::telemetry_frame(frame, limit) {
+        for line in lines {
+            check_clipped(&line.message, limit);
+            if let Some(data) = &line.data {
+                check_clipped(data, limit.saturating_sub(line.message.len()));
+            }
+            if let Some(id) = &line.trace_id {
+                assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id:?}");
+            }
+        }
+    }
+    // The same bytes with each prefix: every decoder sees every input.
+    for prefix in [b"OTLP", b"MTRC", b"LOGS"] {
+        let mut prefixed = prefix.to_vec();
+        prefixed.extend_from_slice(frame);
+        assert!(!matches!(fuzzing::telemetry_frame(&prefixed, limit), TelemetryFrame::NotTelemetry));
+    }
+}
+
+fn check_clipped(text: &str, limit: usize) {
+    assert!(!text.chars().any(char::is_control), "control character left in {text:?}");
+    let kept = match text.rfind("…[+") {
+        Some(at) if text.ends_with(" bytes]") => &text[..at],
+        _ => text,
+    };
+    assert!(kept.len() <= limit, "{} bytes kept over a limit of {limit}: {text:?}", kept.len());
 }
