@@ -181,6 +181,25 @@ fn the_worker_name_comes_from_its_registration_when_the_sdk_sends_its_default_se
 }
 
 #[test]
+fn a_local_worker_is_found_by_the_process_that_holds_its_telemetry_socket() {
+    let (engine, log, _port) = logged_engine("");
+    // Two node workers on this address: the address alone names neither.
+    let mut other = Worker::connect(&engine);
+    other.register_worker("someone-else");
+    other.sync();
+    let mut me = Worker::connect(&engine);
+    me.send(json!({
+        "type": "invokefunction", "function_id": "engine::workers::register", "action": {"type": "void"},
+        "data": {"runtime": "node", "name": "this-process", "pid": std::process::id()}
+    }));
+    me.sync();
+    let mut ws = otel_socket(&engine);
+    send_frame(&mut ws, "LOGS", logs("iii-node", "nodejs", &[(9, "whose line is it", None)]).as_bytes());
+    let line = log.wait_for(&["INFO", "worker:", "whose line is it"], WAIT);
+    assert!(line.contains("worker=this-process"), "{line}");
+}
+
+#[test]
 fn spans_and_metrics_are_counted_and_dropped() {
     let (engine, log, port) = logged_engine("");
     let mut ws = otel_socket(&engine);

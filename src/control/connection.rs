@@ -66,6 +66,7 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream);
     let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let addrs = stream.peer_addr().ok().zip(stream.local_addr().ok());
     let (max_message, handshake_ms) = {
         let e = engine.borrow();
         (e.config().max_message_bytes, e.config().handshake_timeout_ms)
@@ -112,7 +113,7 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
     let (sink, source) = ws.split();
     match route.get() {
         Some(Route::Worker) => serve_worker(engine, sink, source, peer).await,
-        Some(Route::Otel) => serve_otel(&engine, source, &peer).await,
+        Some(Route::Otel) => serve_otel(&engine, source, &peer, addrs).await,
         None => {}
     }
 }
@@ -316,9 +317,14 @@ async fn until_ended<E>(outbox: &Outbox, write: impl std::future::Future<Output 
 
 /// `/otel`: telemetry frames go to the telemetry thread (which decodes, logs, counts and
 /// forwards them off this core); anything else is counted and ignored; nothing is sent back.
-async fn serve_otel(engine: &Rc<RefCell<Engine>>, mut source: WebSocketReceiver<TcpStream>, peer: &str) {
+async fn serve_otel(
+    engine: &Rc<RefCell<Engine>>,
+    mut source: WebSocketReceiver<TcpStream>,
+    peer: &str,
+    addrs: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+) {
     let telemetry = engine.borrow().telemetry.clone();
-    let from: std::sync::Arc<str> = std::sync::Arc::from(peer);
+    let from = telemetry.as_ref().map(|t| t.otel_connection(peer, addrs));
     let mut frames = 0u64;
     while let Some(Ok(message)) = source.next().await {
         let Some(telemetry) = &telemetry else {
@@ -330,7 +336,8 @@ async fn serve_otel(engine: &Rc<RefCell<Engine>>, mut source: WebSocketReceiver<
         match message {
             Message::Binary(bytes) => {
                 frames += 1;
-                if !telemetry.submit(bytes, crate::telemetry::Source::Peer(from.clone())) {
+                let source = from.clone().map(crate::telemetry::Source::Otel);
+                if !source.is_some_and(|source| telemetry.submit(bytes, source)) {
                     telemetry.unknown_frame();
                 }
             }
@@ -338,6 +345,9 @@ async fn serve_otel(engine: &Rc<RefCell<Engine>>, mut source: WebSocketReceiver<
             Message::Close(_) => break,
             _ => {} // ping (answered by tungstenite), pong
         }
+    }
+    if let (Some(telemetry), Some(from)) = (&telemetry, &from) {
+        telemetry.otel_closed(from);
     }
     tracing::debug!(peer, frames, "telemetry socket closed");
 }

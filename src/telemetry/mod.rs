@@ -9,15 +9,20 @@
 //! `worker` (so `RUST_LOG=info,worker=debug` or `worker=off` filter them), counts, and offers
 //! the frame to the forwarder (`forward.rs`), which has its own byte-bounded queue.
 //!
-//! A worker's name: the `/otel` socket carries no identity (spec §1.2), so the name is found in
-//! this order: the worker connection itself (frames on the worker socket); the resource's
-//! `service.name` when it is not an SDK default (`OTEL_SERVICE_NAME`, `otel.serviceName`); the
-//! record's own `service.name` attribute (`new Logger(undefined, name)`); the one worker
-//! registered from the same address (matched by runtime when there are several); else the
-//! resource's `service.name` as sent (`iii-node`, `iii-python-sdk`).
+//! A worker's name: the `/otel` socket carries no identity (spec §1.2), and the SDKs' OTel
+//! resource has `service.name` (`iii-node` / `iii-python-sdk` unless `OTEL_SERVICE_NAME` or
+//! `otel.serviceName` set it), `service.instance.id` (a random UUID) and the SDK language, but
+//! not the worker name. So the name is found in this order: the worker connection itself (frames
+//! on the worker socket); for an `/otel` socket from this host, the registered worker whose
+//! process (its `pid` in `engine::workers::register`) holds the socket's other end, read from
+//! `/proc` (`peer.rs`); the resource's `service.name` when it is not an SDK default; the record's
+//! own `service.name` attribute (`new Logger(undefined, name)`); the one worker registered from
+//! the same address (matched by runtime when there are several); else the resource's
+//! `service.name` as sent.
 
 mod forward;
 pub mod otlp;
+mod peer;
 
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -25,9 +30,11 @@ use otlp::{Decoded, Kind, LogLine, Severity};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The `tracing` target of worker log lines.
 pub const LOG_TARGET: &str = "worker";
@@ -213,15 +220,30 @@ pub enum Source {
     /// A worker socket (`/`), by the control core's connection number: the frame is that
     /// worker's.
     Worker(u64),
-    /// An `/otel` socket from this address.
-    Peer(Arc<str>),
+    /// An `/otel` socket.
+    Otel(Arc<OtelPeer>),
 }
 
-struct Job {
-    kind: Kind,
-    frame: Bytes,
-    source: Source,
-    cost: usize,
+/// One `/otel` connection, as name resolution needs it.
+#[derive(Debug)]
+pub struct OtelPeer {
+    /// Unique per connection (never reused).
+    id: u64,
+    /// The peer's IP address, as the worker registry writes it.
+    ip: String,
+    /// `(peer, local)` socket addresses, when known.
+    addrs: Option<(SocketAddr, SocketAddr)>,
+}
+
+enum Job {
+    Frame {
+        kind: Kind,
+        frame: Bytes,
+        source: Source,
+        cost: usize,
+    },
+    /// An `/otel` connection ended: what the thread cached about it goes.
+    OtelClosed(u64),
 }
 
 /// A registered worker, as name resolution needs it.
@@ -229,6 +251,17 @@ struct Named {
     ip: String,
     name: String,
     runtime: Option<String>,
+    pid: Option<u32>,
+}
+
+/// How long the thread waits before it looks for an `/otel` peer's process again.
+const OWNER_RETRY: Duration = Duration::from_secs(1);
+
+/// What the thread found out about an `/otel` connection's process.
+struct Owner {
+    /// The worker name, once a registered worker's process is known to hold the connection.
+    name: Option<String>,
+    tried: Instant,
 }
 
 /// Names of the workers that registered one, by connection (kept by the control core).
@@ -289,6 +322,7 @@ impl Telemetry {
             metrics: metrics.clone(),
             directory: directory.clone(),
             forwarder,
+            owners: HashMap::new(),
         };
         let spawned = std::thread::Builder::new().name("ringcast-telemetry".into()).spawn(move || worker.run(rx));
         if let Err(e) = spawned {
@@ -301,6 +335,23 @@ impl Telemetry {
     /// it has no telemetry prefix (the caller decides what that means). A frame that does not
     /// fit in the queue is dropped and counted.
     pub fn submit(&self, frame: Bytes, source: Source) -> bool {
+        self.submit_frame(frame, source)
+    }
+
+    /// An `/otel` connection from `peer` (an IP address) on `addrs` (`(peer, local)`); pass
+    /// what it returns to [`Telemetry::submit`] and [`Telemetry::otel_closed`].
+    pub fn otel_connection(&self, peer: &str, addrs: Option<(SocketAddr, SocketAddr)>) -> Arc<OtelPeer> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Arc::new(OtelPeer { id: NEXT.fetch_add(1, Relaxed), ip: peer.to_owned(), addrs })
+    }
+
+    /// The `/otel` connection ended.
+    pub fn otel_closed(&self, peer: &OtelPeer) {
+        // Not charged to the queue: one tiny entry per connection.
+        let _ = self.tx.send(Job::OtelClosed(peer.id));
+    }
+
+    fn submit_frame(&self, frame: Bytes, source: Source) -> bool {
         let Some((kind, _)) = otlp::split_prefix(&frame) else { return false };
         let m = &self.metrics.telemetry;
         m.frames_total[index(kind)].fetch_add(1, Relaxed);
@@ -312,7 +363,7 @@ impl Telemetry {
             self.dropped(kind);
             return true;
         }
-        if self.tx.send(Job { kind, frame, source, cost }).is_err() {
+        if self.tx.send(Job::Frame { kind, frame, source, cost }).is_err() {
             queued.fetch_sub(cost as u64, Relaxed);
             self.dropped(kind);
         }
@@ -333,8 +384,13 @@ impl Telemetry {
     }
 
     /// Records the name a worker registered with (for its `/otel` frames).
-    pub fn worker_named(&self, conn: u64, ip: &str, name: &str, runtime: Option<&str>) {
-        let named = Named { ip: ip.to_owned(), name: name.to_owned(), runtime: runtime.map(str::to_owned) };
+    pub fn worker_named(&self, conn: u64, ip: &str, name: &str, runtime: Option<&str>, pid: Option<u64>) {
+        let named = Named {
+            ip: ip.to_owned(),
+            name: name.to_owned(),
+            runtime: runtime.map(str::to_owned),
+            pid: pid.and_then(|p| u32::try_from(p).ok()),
+        };
         self.directory.lock().unwrap_or_else(|e| e.into_inner()).by_conn.insert(conn, named);
     }
 
@@ -351,26 +407,35 @@ struct Decoder {
     metrics: Arc<Metrics>,
     directory: Arc<Mutex<Directory>>,
     forwarder: Option<forward::Forwarder>,
+    /// Per open `/otel` connection: its process's worker name, once found.
+    owners: HashMap<u64, Owner>,
 }
 
 impl Decoder {
     /// Serves the queue until every sender is gone (the engine stopped).
-    fn run(self, rx: mpsc::Receiver<Job>) {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
         while let Ok(job) = rx.recv() {
-            let decoded = self.handle(&job);
-            self.metrics.telemetry.queue_bytes.fetch_sub(job.cost as u64, Relaxed);
-            match &self.forwarder {
-                Some(forwarder) if decoded => forwarder.offer(job.kind, job.frame),
-                _ => {}
+            match job {
+                Job::Frame { kind, frame, source, cost } => {
+                    let decoded = self.handle(kind, &frame, &source);
+                    self.metrics.telemetry.queue_bytes.fetch_sub(cost as u64, Relaxed);
+                    match &self.forwarder {
+                        Some(forwarder) if decoded => forwarder.offer(kind, frame),
+                        _ => {}
+                    }
+                }
+                Job::OtelClosed(id) => {
+                    self.owners.remove(&id);
+                }
             }
         }
     }
 
     /// Decodes, counts and logs one frame; false when it is malformed.
-    fn handle(&self, job: &Job) -> bool {
+    fn handle(&mut self, kind: Kind, frame: &Bytes, source: &Source) -> bool {
         let m = &self.metrics.telemetry;
-        let payload = job.frame.get(4..).unwrap_or_default();
-        match otlp::decode(job.kind, payload, self.max_line_bytes) {
+        let payload = frame.get(4..).unwrap_or_default();
+        match otlp::decode(kind, payload, self.max_line_bytes) {
             Ok(Decoded::Traces { spans }) => {
                 m.spans_total.fetch_add(spans as u64, Relaxed);
                 true
@@ -381,19 +446,20 @@ impl Decoder {
             }
             Ok(Decoded::Logs(lines)) => {
                 m.log_records_total.fetch_add(lines.len() as u64, Relaxed);
-                if self.worker_logs {
+                if self.worker_logs && !lines.is_empty() {
+                    let owner = self.owner_of(source);
                     for line in &lines {
-                        let name = self.name_of(line, &job.source);
+                        let name = self.name_of(line, source, owner.as_deref());
                         emit(line, &name);
                     }
                 }
                 true
             }
             Err(e) => {
-                let n = m.malformed_frames_total[index(job.kind)].fetch_add(1, Relaxed) + 1;
+                let n = m.malformed_frames_total[index(kind)].fetch_add(1, Relaxed) + 1;
                 if n.is_power_of_two() {
                     tracing::warn!(
-                        kind = job.kind.label(),
+                        kind = kind.label(),
                         malformed = n,
                         "ignored a malformed worker telemetry frame: {e}"
                     );
@@ -403,13 +469,42 @@ impl Decoder {
         }
     }
 
+    /// For an `/otel` connection from this host: the name of the registered worker whose
+    /// process holds the other end (found through `/proc`, remembered for the connection,
+    /// looked for again at most once per `OWNER_RETRY` while not found).
+    fn owner_of(&mut self, source: &Source) -> Option<String> {
+        let Source::Otel(peer) = source else { return None };
+        let (remote, local) = peer.addrs.filter(|(remote, local)| peer::is_local(*remote, *local))?;
+        if let Some(owner) = self.owners.get(&peer.id) {
+            if owner.name.is_some() || owner.tried.elapsed() < OWNER_RETRY {
+                return owner.name.clone();
+            }
+        }
+        let candidates: Vec<(u32, String)> = {
+            let directory = self.directory.lock().unwrap_or_else(|e| e.into_inner());
+            directory.by_conn.values().filter_map(|w| Some((w.pid?, w.name.clone()))).collect()
+        };
+        let name = if candidates.is_empty() {
+            None
+        } else {
+            peer::socket_inode(remote, local).and_then(|inode| {
+                candidates.into_iter().find(|(pid, _)| peer::process_holds(*pid, inode)).map(|(_, name)| name)
+            })
+        };
+        self.owners.insert(peer.id, Owner { name: name.clone(), tried: Instant::now() });
+        name
+    }
+
     /// The worker a log line is shown under (see the module documentation for the order).
-    fn name_of(&self, line: &LogLine, source: &Source) -> String {
+    fn name_of(&self, line: &LogLine, source: &Source, owner: Option<&str>) -> String {
         let directory = self.directory.lock().unwrap_or_else(|e| e.into_inner());
         if let Source::Worker(conn) = source {
             if let Some(w) = directory.by_conn.get(conn) {
                 return otlp::clip(&w.name, MAX_NAME_BYTES);
             }
+        }
+        if let Some(owner) = owner {
+            return otlp::clip(owner, MAX_NAME_BYTES);
         }
         let chosen = line
             .resource_service
@@ -417,7 +512,7 @@ impl Decoder {
             .filter(|s| !is_sdk_default_service(s))
             .or(line.record_service.as_deref())
             .or_else(|| match source {
-                Source::Peer(ip) => directory.sole_worker_at(ip, line.sdk_language.as_deref()),
+                Source::Otel(peer) => directory.sole_worker_at(&peer.ip, line.sdk_language.as_deref()),
                 Source::Worker(_) => None,
             })
             .or(line.resource_service.as_deref())
@@ -451,7 +546,7 @@ mod tests {
     use super::*;
 
     fn named(ip: &str, name: &str, runtime: &str) -> Named {
-        Named { ip: ip.into(), name: name.into(), runtime: Some(runtime.into()) }
+        Named { ip: ip.into(), name: name.into(), runtime: Some(runtime.into()), pid: None }
     }
 
     #[test]
