@@ -254,20 +254,29 @@ struct Named {
     pid: Option<u32>,
 }
 
-/// How long the thread waits before it looks for an `/otel` peer's process again.
-const OWNER_RETRY: Duration = Duration::from_secs(1);
+/// How long the thread waits before it looks for an `/otel` peer's process again: doubling
+/// from the first to the last value while it is not found (a lookup reads `/proc`).
+const OWNER_RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(60));
 
 /// What the thread found out about an `/otel` connection's process.
 struct Owner {
     /// The worker name, once a registered worker's process is known to hold the connection.
     name: Option<String>,
-    tried: Instant,
+    /// When to look again while not found.
+    retry_at: Instant,
+    /// The wait before the next look.
+    backoff: Duration,
+    /// The directory's generation at the last look.
+    generation: u64,
 }
 
 /// Names of the workers that registered one, by connection (kept by the control core).
 #[derive(Default)]
 struct Directory {
     by_conn: HashMap<u64, Named>,
+    /// Counts registrations, so that a connection not matched yet is looked at again at once
+    /// when a worker registers.
+    generation: u64,
 }
 
 impl Directory {
@@ -391,7 +400,9 @@ impl Telemetry {
             runtime: runtime.map(str::to_owned),
             pid: pid.and_then(|p| u32::try_from(p).ok()),
         };
-        self.directory.lock().unwrap_or_else(|e| e.into_inner()).by_conn.insert(conn, named);
+        let mut directory = self.directory.lock().unwrap_or_else(|e| e.into_inner());
+        directory.by_conn.insert(conn, named);
+        directory.generation += 1;
     }
 
     /// Forgets a worker connection that went away.
@@ -471,18 +482,28 @@ impl Decoder {
 
     /// For an `/otel` connection from this host: the name of the registered worker whose
     /// process holds the other end (found through `/proc`, remembered for the connection,
-    /// looked for again at most once per `OWNER_RETRY` while not found).
+    /// looked for again with a doubling wait while not found: a worker registers after it
+    /// connects, and a process that is not a registered worker is not looked for often).
     fn owner_of(&mut self, source: &Source) -> Option<String> {
         let Source::Otel(peer) = source else { return None };
         let (remote, local) = peer.addrs.filter(|(remote, local)| peer::is_local(*remote, *local))?;
-        if let Some(owner) = self.owners.get(&peer.id) {
-            if owner.name.is_some() || owner.tried.elapsed() < OWNER_RETRY {
-                return owner.name.clone();
-            }
+        let known = self.owners.get(&peer.id);
+        if let Some(name) = known.and_then(|o| o.name.as_ref()) {
+            return Some(name.clone());
         }
-        let candidates: Vec<(u32, String)> = {
+        let candidates: Vec<(u32, String)>;
+        let generation;
+        {
             let directory = self.directory.lock().unwrap_or_else(|e| e.into_inner());
-            directory.by_conn.values().filter_map(|w| Some((w.pid?, w.name.clone()))).collect()
+            generation = directory.generation;
+            if known.is_some_and(|o| o.generation == generation && Instant::now() < o.retry_at) {
+                return None;
+            }
+            candidates = directory.by_conn.values().filter_map(|w| Some((w.pid?, w.name.clone()))).collect();
+        }
+        let backoff = match known {
+            Some(o) if o.generation == generation => (o.backoff * 2).min(OWNER_RETRY.1),
+            _ => OWNER_RETRY.0,
         };
         let name = if candidates.is_empty() {
             None
@@ -491,7 +512,8 @@ impl Decoder {
                 candidates.into_iter().find(|(pid, _)| peer::process_holds(*pid, inode)).map(|(_, name)| name)
             })
         };
-        self.owners.insert(peer.id, Owner { name: name.clone(), tried: Instant::now() });
+        self.owners
+            .insert(peer.id, Owner { name: name.clone(), retry_at: Instant::now() + backoff, backoff, generation });
         name
     }
 
