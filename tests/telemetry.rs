@@ -215,6 +215,15 @@ fn spans_and_metrics_are_counted_and_dropped() {
 }
 
 #[test]
+fn worker_logs_false_counts_records_without_logging_them() {
+    let (engine, log, port) = logged_engine("      telemetry:\n        worker_logs: false\n");
+    let mut ws = otel_socket(&engine);
+    send_frame(&mut ws, "LOGS", logs("svc", "python", &[(17, "not shown", None), (9, "nor this", None)]).as_bytes());
+    wait_metric(port, "ringcast_telemetry_log_records_total", 2);
+    assert!(!log.lines().iter().any(|l| l.contains("worker:")), "no worker line with worker_logs: false");
+}
+
+#[test]
 fn malformed_and_unknown_frames_are_counted_and_ignored() {
     let (engine, log, port) = logged_engine("");
     let mut ws = otel_socket(&engine);
