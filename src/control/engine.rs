@@ -33,6 +33,8 @@ pub struct Engine {
     pub(super) shutting_down: bool,
     /// Lets handlers spawn tasks that come back to the engine.
     self_ref: Weak<RefCell<Engine>>,
+    /// Runs HTTP-invoked functions; `None` until installed (or when `iii-http-functions` is off).
+    pub(super) http_functions: Option<Rc<crate::http_functions::HttpService>>,
 }
 
 impl Engine {
@@ -49,6 +51,7 @@ impl Engine {
                 functions_changed_scheduled: false,
                 shutting_down: false,
                 self_ref: self_ref.clone(),
+                http_functions: None,
             })
         })
     }
