@@ -240,7 +240,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let control_config = wm.clone();
     let control_flag = shutdown.clone();
     let control_metrics = metrics.clone();
-    let streams = config.stream.as_ref().map(|_| (StreamService { shards: shard_senders.clone() }, control_requests_rx));
+    let streams = config.stream.as_ref().map(|_| (StreamService::new(shard_senders.clone()), control_requests_rx));
     // The control core starts empty: the engine's own functions always, the stream functions
     // when `iii-stream` is configured, with the task that serves the shards' requests.
     // The shards' requests are served only once the borrow is released: glommio may poll a new
