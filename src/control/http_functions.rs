@@ -42,7 +42,7 @@ impl Engine {
     /// one answers each call with the reason (and the refusal is logged now).
     pub(super) fn http_function(&self, id: &str, invocation: Value) -> Rc<HttpFunction> {
         let endpoint = match &self.http_functions {
-            Some(service) => Endpoint::from_registration(invocation, &service.networks, service.config.default_timeout_ms, |key| std::env::var(key).ok()),
+            Some(service) => Endpoint::from_registration(invocation, &service.networks, &service.config, |key| std::env::var(key).ok()),
             None => Err(ErrorBody::new("function_not_invokable", "iii-http-functions is off")),
         };
         match &endpoint {

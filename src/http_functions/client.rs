@@ -90,11 +90,26 @@ impl Endpoint {
     pub fn from_registration(
         invocation: Value,
         networks: &[Network],
-        default_timeout_ms: u64,
+        config: &HttpFunctionsConfig,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Endpoint, ErrorBody> {
-        let spec: InvocationRef = serde_json::from_value(invocation)
-            .map_err(|e| ErrorBody::new("invalid_http_invocation", format!("the registration's invocation cannot be read: {e}")))?;
+        let bad = |why: String| ErrorBody::new("invalid_http_invocation", why);
+        let spec: InvocationRef =
+            serde_json::from_value(invocation).map_err(|e| bad(format!("the registration's invocation cannot be read: {e}")))?;
+        let timeout_ms = spec.timeout_ms.unwrap_or(config.default_timeout_ms).max(1);
+        if timeout_ms > config.max_timeout_ms {
+            return Err(bad(format!(
+                "timeout_ms {timeout_ms} is over max_timeout_ms ({}) of iii-http-functions",
+                config.max_timeout_ms
+            )));
+        }
+        let headers: Vec<(String, String)> = spec.headers.unwrap_or_default().into_iter().collect();
+        for (name, value) in &headers {
+            check_header(name, value).map_err(bad)?;
+        }
+        if let Some(AuthRef::ApiKey { header, .. }) = &spec.auth {
+            check_header(header, "").map_err(bad)?;
+        }
         let invalid = |why: String| ErrorBody::new("url_validation_failed", format!("Invalid URL {:?}: {why}", spec.url));
         let url = url::Url::parse(&spec.url).map_err(|e| invalid(e.to_string()))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -128,8 +143,8 @@ impl Endpoint {
         Ok(Endpoint {
             url: spec.url,
             method: spec.method,
-            timeout: Duration::from_millis(spec.timeout_ms.unwrap_or(default_timeout_ms).max(1)),
-            headers: spec.headers.unwrap_or_default().into_iter().collect(),
+            timeout: Duration::from_millis(timeout_ms),
+            headers,
             auth,
             host_name,
         })
@@ -138,6 +153,19 @@ impl Endpoint {
     pub fn url(&self) -> &str {
         &self.url
     }
+}
+
+/// A header the registration names: a token name (RFC 9110) and a value without control
+/// characters other than tab.
+fn check_header(name: &str, value: &str) -> Result<(), String> {
+    let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+    if name.is_empty() || !name.bytes().all(token) {
+        return Err(format!("{name:?} is not a valid header name"));
+    }
+    if value.bytes().any(|c| (c < 0x20 && c != b'\t') || c == 0x7f) {
+        return Err(format!("the value of header {name} holds control characters"));
+    }
+    Ok(())
 }
 
 /// An address outside `allowed_networks`, as the error every call then answers.
@@ -446,10 +474,10 @@ mod tests {
     #[test]
     fn registrations_are_checked_and_secrets_read_once() {
         let env = |key: &str| (key == "SET").then(|| "s3cret".to_string());
-        let ok = Endpoint::from_registration(json!({ "url": "http://127.0.0.1:9/x", "auth": { "type": "bearer", "token_key": "SET" } }), &loopback(), 30_000, env).unwrap();
+        let ok = Endpoint::from_registration(json!({ "url": "http://127.0.0.1:9/x", "auth": { "type": "bearer", "token_key": "SET" } }), &loopback(), &HttpFunctionsConfig::default(), env).unwrap();
         assert!(matches!(ok.auth, Some(Auth::Bearer { ref token }) if token == "s3cret"));
         assert_eq!(ok.timeout, Duration::from_millis(30_000));
-        let code = |v: Value| Endpoint::from_registration(v, &loopback(), 30_000, env).err().map(|e| e.code);
+        let code = |v: Value| Endpoint::from_registration(v, &loopback(), &HttpFunctionsConfig::default(), env).err().map(|e| e.code);
         assert_eq!(code(json!({ "url": "http://10.0.0.1/x" })).as_deref(), Some("url_validation_failed"));
         assert_eq!(code(json!({ "url": "ftp://127.0.0.1/x" })).as_deref(), Some("url_validation_failed"));
         assert_eq!(code(json!({ "url": "not a url" })).as_deref(), Some("url_validation_failed"));
@@ -460,8 +488,15 @@ mod tests {
             code(json!({ "url": "http://127.0.0.1/", "auth": { "type": "api_key", "header": "x-key", "value_key": "UNSET" } })).as_deref(),
             Some("api_key_not_found")
         );
+        assert_eq!(code(json!({ "url": "http://127.0.0.1/", "timeout_ms": 300_001 })).as_deref(), Some("invalid_http_invocation"));
+        assert_eq!(code(json!({ "url": "http://127.0.0.1/", "headers": { "bad name": "1" } })).as_deref(), Some("invalid_http_invocation"));
+        assert_eq!(code(json!({ "url": "http://127.0.0.1/", "headers": { "x-a": "1\r\nx-b: 2" } })).as_deref(), Some("invalid_http_invocation"));
+        assert_eq!(
+            code(json!({ "url": "http://127.0.0.1/", "auth": { "type": "api_key", "header": "x:y", "value_key": "SET" } })).as_deref(),
+            Some("invalid_http_invocation")
+        );
         // A host name is checked at each connection, after resolution.
-        let named = Endpoint::from_registration(json!({ "url": "http://localhost:9/" }), &loopback(), 5, env).unwrap();
+        let named = Endpoint::from_registration(json!({ "url": "http://localhost:9/" }), &loopback(), &HttpFunctionsConfig::default(), env).unwrap();
         assert_eq!(named.host_name.as_deref(), Some("localhost"));
     }
 

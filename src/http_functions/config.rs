@@ -38,6 +38,9 @@ pub struct HttpFunctionsConfig {
     /// Limit of a request whose registration gives no `timeout_ms`.
     #[serde(default = "default_timeout_ms")]
     pub default_timeout_ms: u64,
+    /// Largest `timeout_ms` a registration may ask for; a larger one is refused.
+    #[serde(default = "default_max_timeout_ms")]
+    pub max_timeout_ms: u64,
     /// Idle keep-alive connections kept per destination host.
     #[serde(default = "default_max_idle_per_host")]
     pub max_idle_connections_per_host: usize,
@@ -58,6 +61,7 @@ impl Default for HttpFunctionsConfig {
             max_queue_per_function: default_max_queue_per_function(),
             max_response_bytes: default_max_response_bytes(),
             default_timeout_ms: default_timeout_ms(),
+            max_timeout_ms: default_max_timeout_ms(),
             max_idle_connections_per_host: default_max_idle_per_host(),
             security: None,
         }
@@ -85,6 +89,13 @@ impl HttpFunctionsConfig {
         }
         if self.default_timeout_ms == 0 {
             return Err(("default_timeout_ms", "must be at least 1".to_string()));
+        }
+        if self.max_timeout_ms < self.default_timeout_ms {
+            return Err(("max_timeout_ms", format!("must be at least default_timeout_ms ({})", self.default_timeout_ms)));
+        }
+        // A deadline this far ahead is still representable everywhere.
+        if self.max_timeout_ms > 86_400_000 {
+            return Err(("max_timeout_ms", "must be at most 86400000 (a day)".to_string()));
         }
         Ok(())
     }
@@ -174,6 +185,9 @@ fn default_max_response_bytes() -> usize {
 }
 fn default_timeout_ms() -> u64 {
     30_000
+}
+fn default_max_timeout_ms() -> u64 {
+    300_000
 }
 fn default_max_idle_per_host() -> usize {
     8
