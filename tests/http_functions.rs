@@ -398,3 +398,55 @@ fn an_http_function_leaves_with_its_worker_and_is_unregistered_by_it_only() {
         other.call("l::two", json!({}))["error"]["code"] == "function_not_found"
     });
 }
+
+#[test]
+fn sigterm_answers_running_and_waiting_http_calls_with_engine_shutdown() {
+    let server = TestServer::start("127.0.0.1");
+    let (mut engine, _) = engine_with("      threads: 2\n      max_concurrency_per_function: 1\n");
+    let mut owner = Worker::connect(&engine);
+    register_http(&mut owner, "slow::fn", json!({ "url": server.url("/slow/5000") }));
+    let mut caller = Worker::connect(&engine);
+    let ids = [send_call(&mut caller, "slow::fn"), send_call(&mut caller, "slow::fn")];
+    wait_until(Duration::from_secs(2), "the first request to run", || server.seen().len() == 1);
+    let started = Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(engine.child.id() as i32, common::SIGTERM) };
+    let mut answered = Vec::new();
+    for _ in &ids {
+        let result = caller.recv_type("invocationresult");
+        assert_eq!(error_code(&result), "engine_shutdown", "{result}");
+        answered.push(result["invocation_id"].as_str().unwrap().to_string());
+    }
+    answered.sort();
+    let mut expected = ids.to_vec();
+    expected.sort();
+    assert_eq!(answered, expected, "the running call and the waiting one");
+    assert_eq!(caller.recv_close(), Some(1001));
+    let status = common::wait_exit(&mut engine.child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(4), "a request in flight does not hold the exit");
+    assert_eq!(server.seen().len(), 1, "the waiting call never started");
+}
+
+#[test]
+fn requests_waiting_for_a_thread_are_bounded_too() {
+    let server = TestServer::start("127.0.0.1");
+    let (engine, metrics) = engine_with("      threads: 1\n      max_pending_requests: 1\n");
+    let mut owner = Worker::connect(&engine);
+    for id in ["p::a", "p::b", "p::c"] {
+        register_http(&mut owner, id, json!({ "url": server.url("/slow/800") }));
+    }
+    let mut caller = Worker::connect(&engine);
+    // The one thread runs a's request; b's waits in the thread queue, which is then full.
+    let running = send_call(&mut caller, "p::a");
+    wait_until(Duration::from_secs(2), "a's request to run", || server.seen().len() == 1);
+    let queued = send_call(&mut caller, "p::b");
+    let refused = caller.call("p::c", json!({}));
+    assert_eq!(error_code(&refused), "http_queue_full", "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("max_pending_requests"), "{refused}");
+    for id in [running, queued] {
+        let result = caller.recv_type("invocationresult");
+        assert_eq!((result["invocation_id"].as_str(), &result["result"]), (Some(id.as_str()), &json!({ "slow": true })), "{result}");
+    }
+    assert_eq!(metric(metrics, "ringcast_http_function_rejected_total"), 1);
+}

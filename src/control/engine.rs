@@ -34,7 +34,7 @@ pub struct Engine {
     /// Lets handlers spawn tasks that come back to the engine.
     self_ref: Weak<RefCell<Engine>>,
     /// Runs HTTP-invoked functions; `None` until installed (or when `iii-http-functions` is off).
-    pub(super) http_functions: Option<Rc<crate::http_functions::HttpService>>,
+    pub(super) http_functions: Option<super::http_functions::HttpCalls>,
 }
 
 impl Engine {
@@ -103,6 +103,7 @@ impl Engine {
     pub fn shutdown(&mut self) {
         self.shutting_down = true;
         self.fail_all_invocations();
+        self.fail_http_calls();
         self.close_all_workers();
     }
 

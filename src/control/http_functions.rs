@@ -1,18 +1,19 @@
 //! HTTP-invoked functions on the control core: the registry entry of one (its checked endpoint,
-//! or why the registration was refused), and the per-function limit — at most
+//! or why the registration was refused), the per-function limit — at most
 //! `max_concurrency_per_function` requests running, at most `max_queue_per_function` calls
-//! waiting, anything beyond answered `http_queue_full` at once. The requests themselves run on
-//! the HTTP threads (`crate::http_functions::client`); the control core only hands them over
-//! and delivers the outcome, so a slow endpoint never holds it.
+//! waiting, anything beyond answered `http_queue_full` at once — and the table of calls not
+//! answered yet, which is the one owner of their replies (shutdown answers them all). The
+//! requests themselves run on the HTTP threads (`crate::http_functions::client`); the control
+//! core only hands them over and delivers the outcome, so a slow endpoint never holds it.
 
 use super::engine::Engine;
-use super::invocations::{Call, Reply};
+use super::invocations::{Call, Outcome, Reply};
 use super::wire::ErrorBody;
 use crate::http_functions::client::{Endpoint, HttpRequest};
 use crate::http_functions::HttpService;
 use serde_json::Value;
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,17 +33,30 @@ struct Slots {
     waiting: VecDeque<Waiting>,
 }
 
+/// A call waiting for a slot: its number in [`HttpCalls`] and its request body.
 struct Waiting {
+    call: u64,
     body: Vec<u8>,
-    reply: Reply,
+}
+
+/// The HTTP service and the replies of the calls it has not answered yet, by call number.
+pub struct HttpCalls {
+    service: Rc<HttpService>,
+    replies: HashMap<u64, Reply>,
+    last: u64,
 }
 
 impl Engine {
+    /// Installs the HTTP function service (the boot code does, when `iii-http-functions` is on).
+    pub fn install_http_functions(&mut self, service: HttpService) {
+        self.http_functions = Some(HttpCalls { service: Rc::new(service), replies: HashMap::new(), last: 0 });
+    }
+
     /// Checks a registration's `invocation`: the function is registered either way; a refused
     /// one answers each call with the reason (and the refusal is logged now).
     pub(super) fn http_function(&self, id: &str, invocation: Value) -> Rc<HttpFunction> {
         let endpoint = match &self.http_functions {
-            Some(service) => Endpoint::from_registration(invocation, &service.networks, &service.config, |key| std::env::var(key).ok()),
+            Some(http) => Endpoint::from_registration(invocation, &http.service.networks, &http.service.config, |key| std::env::var(key).ok()),
             None => Err(ErrorBody::new("function_not_invokable", "iii-http-functions is off")),
         };
         match &endpoint {
@@ -58,10 +72,11 @@ impl Engine {
     /// Runs a call of an HTTP-invoked function: now if the function has a free slot, later if
     /// its queue has room, else refused.
     pub(super) fn invoke_http(&mut self, function: Rc<HttpFunction>, call: Call, reply: Reply) {
-        let Some(service) = self.http_functions.clone() else {
+        let Some(http) = &mut self.http_functions else {
             self.complete(reply, Err(ErrorBody::new("function_not_invokable", "iii-http-functions is off")), None, None);
             return;
         };
+        let service = http.service.clone();
         if let Err(e) = &function.endpoint {
             service.metrics.errors_total.fetch_add(1, Ordering::Relaxed);
             self.complete(reply, Err(e.clone()), None, None);
@@ -75,38 +90,46 @@ impl Engine {
             }
         };
         let mut slots = function.slots.borrow_mut();
-        if slots.running < service.config.max_concurrency_per_function {
+        let running = slots.running;
+        if running < service.config.max_concurrency_per_function {
             slots.running += 1;
             drop(slots);
-            if let Err(reply) = self.start_http(&service, &function, body, reply) {
-                self.refuse_full(&service, reply, format!("{} HTTP requests are already waiting for a thread (max_pending_requests of iii-http-functions)", service.config.max_pending_requests));
+            let number = http.remember(reply);
+            if !self.start_http(&service, &function, number, body) {
                 self.http_slot_freed(&service, &function);
             }
         } else if slots.waiting.len() < service.config.max_queue_per_function {
-            slots.waiting.push_back(Waiting { body, reply });
+            let number = http.remember(reply);
+            slots.waiting.push_back(Waiting { call: number, body });
             service.metrics.queued.fetch_add(1, Ordering::Relaxed);
         } else {
             let message = format!(
-                "{} has {} requests running and {} calls waiting (max_concurrency_per_function / max_queue_per_function of iii-http-functions); try again later",
-                function.id, slots.running, slots.waiting.len()
+                "{} has {running} requests running and {} calls waiting (max_concurrency_per_function / max_queue_per_function of iii-http-functions); try again later",
+                function.id,
+                slots.waiting.len()
             );
             drop(slots);
-            self.refuse_full(&service, reply, message);
+            service.metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
+            service.metrics.errors_total.fetch_add(1, Ordering::Relaxed);
+            self.complete(reply, Err(ErrorBody::new("http_queue_full", message)), None, None);
         }
     }
 
-    fn refuse_full(&mut self, service: &HttpService, reply: Reply, message: String) {
-        service.metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
-        service.metrics.errors_total.fetch_add(1, Ordering::Relaxed);
-        self.complete(reply, Err(ErrorBody::new("http_queue_full", message)), None, None);
-    }
-
-    /// Hands a request to the HTTP threads; a slot of `function` is already taken for it. The
-    /// reply comes back when the threads' queue is full.
-    fn start_http(&mut self, service: &Rc<HttpService>, function: &Rc<HttpFunction>, body: Vec<u8>, reply: Reply) -> Result<(), Reply> {
-        let Ok(endpoint) = &function.endpoint else { return Err(reply) };
+    /// Hands call `number` to the HTTP threads; a slot of `function` is taken for it. When the
+    /// threads' queue is full the call is answered `http_queue_full` and `false` returned (the
+    /// slot is still the caller's to free).
+    fn start_http(&mut self, service: &Rc<HttpService>, function: &Rc<HttpFunction>, number: u64, body: Vec<u8>) -> bool {
+        let Ok(endpoint) = &function.endpoint else { return false };
         let request = HttpRequest { function_id: function.id.clone(), endpoint: endpoint.clone(), body };
-        let Ok(answer) = service.pool.submit(request) else { return Err(reply) };
+        let answer = match service.pool.submit(request) {
+            Ok(answer) => answer,
+            Err(full) => {
+                service.metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
+                service.metrics.errors_total.fetch_add(1, Ordering::Relaxed);
+                self.answer_http(number, Err(ErrorBody::new("http_queue_full", full.to_string())));
+                return false;
+            }
+        };
         service.metrics.calls_total.fetch_add(1, Ordering::Relaxed);
         service.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         let weak = self.weak_self();
@@ -119,11 +142,18 @@ impl Engine {
             service.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
             if let Some(engine) = weak.upgrade() {
                 let mut engine = engine.borrow_mut();
-                engine.complete(reply, outcome, None, None);
+                engine.answer_http(number, outcome);
                 engine.http_slot_freed(&service, &function);
             }
         });
-        Ok(())
+        true
+    }
+
+    /// Answers call `number`, unless it was answered already (shutdown).
+    fn answer_http(&mut self, number: u64, outcome: Outcome) {
+        if let Some(reply) = self.http_functions.as_mut().and_then(|http| http.replies.remove(&number)) {
+            self.complete(reply, outcome, None, None);
+        }
     }
 
     /// A request of `function` ended: its slot goes to the next waiting call, if any.
@@ -140,15 +170,28 @@ impl Engine {
                 }
             };
             service.metrics.queued.fetch_sub(1, Ordering::Relaxed);
-            match self.start_http(service, function, next.body, next.reply) {
-                Ok(()) => return,
-                Err(reply) => self.refuse_full(service, reply, format!("{} HTTP requests are already waiting for a thread (max_pending_requests of iii-http-functions)", service.config.max_pending_requests)),
+            let waits = self.http_functions.as_ref().is_some_and(|http| http.replies.contains_key(&next.call));
+            if waits && self.start_http(service, function, next.call, next.body) {
+                return;
             }
         }
     }
 
-    /// Installs the HTTP function service (the boot code does, when `iii-http-functions` is on).
-    pub fn install_http_functions(&mut self, service: HttpService) {
-        self.http_functions = Some(Rc::new(service));
+    /// Answers every HTTP call not answered yet with `engine_shutdown` (shutdown).
+    pub(super) fn fail_http_calls(&mut self) {
+        let Some(http) = &mut self.http_functions else { return };
+        let replies: Vec<Reply> = http.replies.drain().map(|(_, reply)| reply).collect();
+        for reply in replies {
+            self.complete(reply, Err(ErrorBody::new("engine_shutdown", "ringcast is shutting down")), None, None);
+        }
+    }
+}
+
+impl HttpCalls {
+    /// Keeps a call's reply until it is answered; returns its number.
+    fn remember(&mut self, reply: Reply) -> u64 {
+        self.last += 1;
+        self.replies.insert(self.last, reply);
+        self.last
     }
 }
