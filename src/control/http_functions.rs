@@ -60,13 +60,28 @@ impl Engine {
             None => Err(ErrorBody::new("function_not_invokable", "iii-http-functions is off")),
         };
         match &endpoint {
-            Ok(e) => match &e.host_name {
-                Some(host) => tracing::info!(function_id = id, url = e.url(), "HTTP function registered; {host} is resolved and checked against allowed_networks at each connection"),
-                None => tracing::info!(function_id = id, url = e.url(), "HTTP function registered"),
-            },
+            Ok(e) => {
+                tracing::info!(function_id = id, url = e.url(), "HTTP function registered");
+                if let (Some(netloc), Some(http)) = (&e.host_name, &self.http_functions) {
+                    self.probe_host(&http.service, id, netloc.clone());
+                }
+            }
             Err(e) => tracing::warn!(function_id = id, code = %e.code, "HTTP function registration refused: {}; its calls answer this error", e.message),
         }
         Rc::new(HttpFunction { id: id.to_string(), endpoint: endpoint.map(Arc::new), slots: RefCell::default() })
+    }
+
+    /// A URL with a host name is checked at each connection, on the addresses the name then
+    /// resolves to; one lookup at registration tells the log early when it leads outside
+    /// `allowed_networks`.
+    fn probe_host(&self, service: &HttpService, id: &str, netloc: String) {
+        let Some(checked) = service.pool.probe(netloc) else { return };
+        let id = id.to_string();
+        self.spawn(async move {
+            if let Ok(Err(why)) = checked.await {
+                tracing::warn!(function_id = %id, "HTTP function registered, but its calls will fail while this holds: {why}");
+            }
+        });
     }
 
     /// Runs a call of an HTTP-invoked function: now if the function has a free slot, later if

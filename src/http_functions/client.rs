@@ -80,7 +80,8 @@ pub struct Endpoint {
     timeout: Duration,
     headers: Vec<(String, String)>,
     auth: Option<Auth>,
-    /// The URL's host when it is a name (resolved at each connection), for the log line.
+    /// `host:port` when the URL's host is a name: resolved and checked at each connection
+    /// (and once at registration, for the log).
     pub host_name: Option<String>,
 }
 
@@ -125,7 +126,7 @@ impl Endpoint {
                 check_address(IpAddr::V6(ip), networks, &spec.url)?;
                 None
             }
-            Some(url::Host::Domain(name)) => Some(name.to_string()),
+            Some(url::Host::Domain(name)) => Some(format!("{name}:{}", url.port_or_known_default().unwrap_or(80))),
         };
         let read = |key: &str, code: &str, what: &str| {
             env(key).ok_or_else(|| {
@@ -201,6 +202,7 @@ pub fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
 /// The resolver of the HTTP client: resolves as the system does, then keeps only the addresses
 /// inside `allowed_networks`. Every connection (IP literals included) goes through it, so the
 /// check holds for the address actually connected to.
+#[derive(Clone)]
 struct AllowlistResolver {
     networks: Arc<Vec<Network>>,
 }
@@ -246,9 +248,11 @@ pub struct HttpRequest {
     pub body: Vec<u8>,
 }
 
-struct Job {
-    request: HttpRequest,
-    reply: oneshot::Sender<HttpAnswer>,
+enum Job {
+    /// Run a call's request.
+    Call { request: HttpRequest, reply: oneshot::Sender<HttpAnswer> },
+    /// Resolve `host:port` and check it against the allowlist (at registration).
+    Probe { netloc: String, reply: oneshot::Sender<Result<(), String>> },
 }
 
 /// The requests are full: the call is answered at once instead of waiting.
@@ -266,10 +270,11 @@ pub struct HttpPool {
 
 impl HttpPool {
     pub fn start(config: &HttpFunctionsConfig, metrics: Arc<HttpFunctionMetrics>) -> std::io::Result<HttpPool> {
+        let resolver = AllowlistResolver { networks: Arc::new(config.networks()) };
         let agent = ureq::AgentBuilder::new()
             .redirects(0)
             .try_proxy_from_env(false)
-            .resolver(AllowlistResolver { networks: Arc::new(config.networks()) })
+            .resolver(resolver.clone())
             .max_idle_connections_per_host(config.max_idle_connections_per_host)
             .max_idle_connections(config.max_idle_connections_per_host.saturating_mul(64))
             .user_agent(concat!("ringcast/", env!("CARGO_PKG_VERSION")))
@@ -278,11 +283,11 @@ impl HttpPool {
         let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(config.max_pending_requests);
         let queue = Arc::new(Mutex::new(queue));
         for index in 0..config.threads {
-            let (agent, queue, metrics) = (agent.clone(), queue.clone(), metrics.clone());
+            let (agent, resolver, queue, metrics) = (agent.clone(), resolver.clone(), queue.clone(), metrics.clone());
             let max_bytes = config.max_response_bytes;
             std::thread::Builder::new()
                 .name(format!("ringcast-http-{index}"))
-                .spawn(move || run_thread(&agent, &queue, max_bytes, &metrics))?;
+                .spawn(move || run_thread(&agent, &resolver, &queue, max_bytes, &metrics))?;
         }
         Ok(HttpPool { jobs, capacity: config.max_pending_requests })
     }
@@ -290,18 +295,36 @@ impl HttpPool {
     /// Queues a request; its answer arrives on the receiver (cancelled if the thread died).
     pub fn submit(&self, request: HttpRequest) -> Result<oneshot::Receiver<HttpAnswer>, PoolFull> {
         let (reply, answer) = oneshot::channel();
-        match self.jobs.try_send(Job { request, reply }) {
+        match self.jobs.try_send(Job::Call { request, reply }) {
             Ok(()) => Ok(answer),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => Err(PoolFull(self.capacity)),
         }
     }
+
+    /// Queues a check of where `netloc` resolves; `None` when the queue is full (the calls
+    /// check it anyway).
+    pub fn probe(&self, netloc: String) -> Option<oneshot::Receiver<Result<(), String>>> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.try_send(Job::Probe { netloc, reply }).ok().map(|()| answer)
+    }
 }
 
-fn run_thread(agent: &ureq::Agent, queue: &Mutex<Receiver<Job>>, max_bytes: usize, metrics: &HttpFunctionMetrics) {
+fn run_thread(agent: &ureq::Agent, resolver: &AllowlistResolver, queue: &Mutex<Receiver<Job>>, max_bytes: usize, metrics: &HttpFunctionMetrics) {
     loop {
         let next = queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).recv();
-        let Ok(job) = next else { return };
-        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(agent, &job.request, max_bytes)))
+        let (request, reply) = match next {
+            Err(_) => return,
+            Ok(Job::Call { request, reply }) => (request, reply),
+            Ok(Job::Probe { netloc, reply }) => {
+                let checked = ureq::Resolver::resolve(resolver, &netloc).map(drop).map_err(|e| match e.get_ref().and_then(|inner| inner.downcast_ref::<Refused>()) {
+                    Some(refused) => refused.0.clone(),
+                    None => format!("DNS lookup of {netloc} failed: {e}"),
+                });
+                let _ = reply.send(checked);
+                continue;
+            }
+        };
+        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(agent, &request, max_bytes)))
             .unwrap_or_else(|_| HttpAnswer {
                 outcome: Err(ErrorBody::new("http_request_failed", "the HTTP client failed unexpectedly")),
                 timed_out: false,
@@ -312,7 +335,7 @@ fn run_thread(agent: &ureq::Agent, queue: &Mutex<Receiver<Job>>, max_bytes: usiz
         if answer.outcome.is_err() {
             metrics.errors_total.fetch_add(1, Ordering::Relaxed);
         }
-        let _ = job.reply.send(answer);
+        let _ = reply.send(answer);
     }
 }
 
@@ -497,7 +520,7 @@ mod tests {
         );
         // A host name is checked at each connection, after resolution.
         let named = Endpoint::from_registration(json!({ "url": "http://localhost:9/" }), &loopback(), &HttpFunctionsConfig::default(), env).unwrap();
-        assert_eq!(named.host_name.as_deref(), Some("localhost"));
+        assert_eq!(named.host_name.as_deref(), Some("localhost:9"));
     }
 
     #[test]
