@@ -450,3 +450,26 @@ fn requests_waiting_for_a_thread_are_bounded_too() {
     }
     assert_eq!(metric(metrics, "ringcast_http_function_rejected_total"), 1);
 }
+
+#[test]
+fn request_bytes_held_by_unanswered_calls_are_bounded() {
+    let server = TestServer::start("127.0.0.1");
+    let (engine, metrics) = engine_with("      threads: 2\n      max_buffered_bytes: 1000\n");
+    let mut owner = Worker::connect(&engine);
+    register_http(&mut owner, "m::slow", json!({ "url": server.url("/slow/600") }));
+    let mut caller = Worker::connect(&engine);
+    let big = json!({ "pad": "x".repeat(600) });
+    let id = uuid();
+    caller.send(json!({ "type": "invokefunction", "invocation_id": id, "function_id": "m::slow", "data": big }));
+    wait_until(Duration::from_secs(2), "the first request to run", || server.seen().len() == 1);
+    assert!(metric(metrics, "ringcast_http_function_buffered_bytes") > 600);
+    let refused = caller.call("m::slow", big.clone());
+    assert_eq!(error_code(&refused), "http_queue_full", "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("max_buffered_bytes"), "{refused}");
+    let first = caller.recv_type("invocationresult");
+    assert_eq!((first["invocation_id"].as_str(), &first["result"]), (Some(id.as_str()), &json!({ "slow": true })));
+    assert_eq!(metric(metrics, "ringcast_http_function_buffered_bytes"), 0, "answered calls give their bytes back");
+    // A call larger than the bound alone still runs when nothing else is held.
+    let alone = caller.call("m::slow", json!({ "pad": "x".repeat(2000) }));
+    assert_eq!(alone["result"], json!({ "slow": true }), "{alone}");
+}

@@ -39,17 +39,20 @@ struct Waiting {
     body: Vec<u8>,
 }
 
-/// The HTTP service and the replies of the calls it has not answered yet, by call number.
+/// The HTTP service and the replies of the calls it has not answered yet, by call number, with
+/// the size of each call's request body.
 pub struct HttpCalls {
     service: Rc<HttpService>,
-    replies: HashMap<u64, Reply>,
+    replies: HashMap<u64, (Reply, usize)>,
     last: u64,
+    /// Request bytes of the calls in `replies`.
+    bytes: usize,
 }
 
 impl Engine {
     /// Installs the HTTP function service (the boot code does, when `iii-http-functions` is on).
     pub fn install_http_functions(&mut self, service: HttpService) {
-        self.http_functions = Some(HttpCalls { service: Rc::new(service), replies: HashMap::new(), last: 0 });
+        self.http_functions = Some(HttpCalls { service: Rc::new(service), replies: HashMap::new(), last: 0, bytes: 0 });
     }
 
     /// Checks a registration's `invocation`: the function is registered either way; a refused
@@ -104,17 +107,27 @@ impl Engine {
                 return;
             }
         };
+        if http.bytes > 0 && http.bytes.saturating_add(body.len()) > service.config.max_buffered_bytes {
+            let message = format!(
+                "HTTP function calls already hold {} bytes of requests (max_buffered_bytes of iii-http-functions); try again later",
+                http.bytes
+            );
+            service.metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
+            service.metrics.errors_total.fetch_add(1, Ordering::Relaxed);
+            self.complete(reply, Err(ErrorBody::new("http_queue_full", message)), None, None);
+            return;
+        }
         let mut slots = function.slots.borrow_mut();
         let running = slots.running;
         if running < service.config.max_concurrency_per_function {
             slots.running += 1;
             drop(slots);
-            let number = http.remember(reply);
+            let number = http.remember(reply, body.len());
             if !self.start_http(&service, &function, number, body) {
                 self.http_slot_freed(&service, &function);
             }
         } else if slots.waiting.len() < service.config.max_queue_per_function {
-            let number = http.remember(reply);
+            let number = http.remember(reply, body.len());
             slots.waiting.push_back(Waiting { call: number, body });
             service.metrics.queued.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -166,7 +179,7 @@ impl Engine {
 
     /// Answers call `number`, unless it was answered already (shutdown).
     fn answer_http(&mut self, number: u64, outcome: Outcome) {
-        if let Some(reply) = self.http_functions.as_mut().and_then(|http| http.replies.remove(&number)) {
+        if let Some(reply) = self.http_functions.as_mut().and_then(|http| http.forget(number)) {
             self.complete(reply, outcome, None, None);
         }
     }
@@ -195,7 +208,9 @@ impl Engine {
     /// Answers every HTTP call not answered yet with `engine_shutdown` (shutdown).
     pub(super) fn fail_http_calls(&mut self) {
         let Some(http) = &mut self.http_functions else { return };
-        let replies: Vec<Reply> = http.replies.drain().map(|(_, reply)| reply).collect();
+        let replies: Vec<Reply> = http.replies.drain().map(|(_, (reply, _))| reply).collect();
+        http.bytes = 0;
+        http.service.metrics.buffered_bytes.store(0, Ordering::Relaxed);
         for reply in replies {
             self.complete(reply, Err(ErrorBody::new("engine_shutdown", "ringcast is shutting down")), None, None);
         }
@@ -203,10 +218,21 @@ impl Engine {
 }
 
 impl HttpCalls {
-    /// Keeps a call's reply until it is answered; returns its number.
-    fn remember(&mut self, reply: Reply) -> u64 {
+    /// Keeps a call's reply until it is answered, counting its request's `bytes`; returns its
+    /// number.
+    fn remember(&mut self, reply: Reply, bytes: usize) -> u64 {
         self.last += 1;
-        self.replies.insert(self.last, reply);
+        self.replies.insert(self.last, (reply, bytes));
+        self.bytes += bytes;
+        self.service.metrics.buffered_bytes.store(self.bytes as u64, Ordering::Relaxed);
         self.last
+    }
+
+    /// Takes a call's reply to answer it.
+    fn forget(&mut self, number: u64) -> Option<Reply> {
+        let (reply, bytes) = self.replies.remove(&number)?;
+        self.bytes = self.bytes.saturating_sub(bytes);
+        self.service.metrics.buffered_bytes.store(self.bytes as u64, Ordering::Relaxed);
+        Some(reply)
     }
 }

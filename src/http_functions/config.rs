@@ -32,6 +32,11 @@ pub struct HttpFunctionsConfig {
     /// with `http_queue_full`.
     #[serde(default = "default_max_queue_per_function")]
     pub max_queue_per_function: usize,
+    /// Request bodies held by calls not answered yet (waiting, queued or running), over all
+    /// functions; a call that would pass it fails with `http_queue_full` (a call is always
+    /// accepted when none is held).
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: usize,
     /// Largest response body read; a larger one fails the call with `http_response_failed`.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
@@ -59,6 +64,7 @@ impl Default for HttpFunctionsConfig {
             max_pending_requests: default_max_pending_requests(),
             max_concurrency_per_function: default_max_concurrency_per_function(),
             max_queue_per_function: default_max_queue_per_function(),
+            max_buffered_bytes: default_max_buffered_bytes(),
             max_response_bytes: default_max_response_bytes(),
             default_timeout_ms: default_timeout_ms(),
             max_timeout_ms: default_max_timeout_ms(),
@@ -179,6 +185,9 @@ fn default_max_concurrency_per_function() -> usize {
 }
 fn default_max_queue_per_function() -> usize {
     256
+}
+fn default_max_buffered_bytes() -> usize {
+    64 * 1024 * 1024
 }
 fn default_max_response_bytes() -> usize {
     4 * 1024 * 1024

@@ -31,6 +31,8 @@ pub struct HttpFunctionMetrics {
     pub in_flight: AtomicU64,
     /// Calls waiting for a free slot of their function.
     pub queued: AtomicU64,
+    /// Request bytes held by calls not answered yet.
+    pub buffered_bytes: AtomicU64,
 }
 
 impl HttpFunctionMetrics {
@@ -43,6 +45,7 @@ impl HttpFunctionMetrics {
             ("ringcast_http_function_rejected_total", "HTTP function calls refused because a queue was full", "counter", &self.rejected_total),
             ("ringcast_http_function_in_flight", "HTTP function requests running or waiting for a thread", "gauge", &self.in_flight),
             ("ringcast_http_function_queued", "HTTP function calls waiting for a slot of their function", "gauge", &self.queued),
+            ("ringcast_http_function_buffered_bytes", "Request bytes held by HTTP function calls not answered yet", "gauge", &self.buffered_bytes),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
         }
