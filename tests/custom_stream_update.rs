@@ -23,10 +23,13 @@ struct Store {
     items: HashMap<String, Value>,
     /// `"get <item>"` / `"set <item>"`, in the order the calls arrived.
     calls: Vec<String>,
+    /// Whether the one unanswered get of `hang-once` happened.
+    hung: bool,
 }
 
 /// A worker serving `STREAM`'s storage from a map, in its own thread. Items named
-/// `fail-get` / `fail-set` answer errors from get / set; `no-result` answers set with null.
+/// `fail-get` / `fail-set` answer errors from get / set; `no-result` answers set with null;
+/// the first get of `hang-once` is never answered.
 struct CustomStorage {
     store: Arc<Mutex<Store>>,
     stop: Arc<AtomicBool>,
@@ -57,7 +60,7 @@ impl CustomStorage {
                 if frame["type"] != "invokefunction" {
                     continue;
                 }
-                let answer = serve(&store2, &frame);
+                let Some(answer) = serve(&store2, &frame) else { continue };
                 let mut reply = json!({ "type": "invocationresult", "invocation_id": frame["invocation_id"], "function_id": frame["function_id"] });
                 match answer {
                     Ok(result) => reply["result"] = result,
@@ -87,8 +90,18 @@ impl Drop for CustomStorage {
     }
 }
 
-fn serve(store: &Mutex<Store>, frame: &Value) -> Result<Value, Value> {
+fn serve(store: &Mutex<Store>, frame: &Value) -> Option<Result<Value, Value>> {
     let mut store = store.lock().unwrap();
+    let item = frame["data"]["item_id"].as_str().unwrap_or_default();
+    if item == "hang-once" && !store.hung {
+        store.hung = true;
+        store.calls.push("get hang-once (unanswered)".to_string());
+        return None;
+    }
+    Some(serve_now(&mut store, frame))
+}
+
+fn serve_now(store: &mut Store, frame: &Value) -> Result<Value, Value> {
     let function = frame["function_id"].as_str().unwrap_or_default();
     let data = &frame["data"];
     let item = data["item_id"].as_str().unwrap_or_default().to_string();
@@ -235,4 +248,25 @@ fn per_op_errors_are_reported_and_sets_of_the_item_wait_their_turn() {
     assert_eq!(results[&first]["result"]["new_value"]["step"], 1);
     assert_eq!(results[&second]["result"]["old_value"], json!({ "replaced": true }), "the set came between: {:?}", results[&second]);
     assert_eq!(storage.item("doc"), Some(json!({ "replaced": true, "step": 2 })));
+}
+
+#[test]
+fn an_unanswered_custom_call_gives_the_item_back_after_the_invocation_timeout() {
+    let engine = Engine::start_with("      invocation_timeout_ms: 300\n", "", &[]);
+    let storage = CustomStorage::start(&engine);
+    let mut caller = Worker::connect(&engine);
+    let ops = json!([{ "type": "increment", "path": "n", "by": 1 }]);
+    let (first, frame1) = update_frame("hang-once", ops.clone());
+    caller.send(frame1);
+    let (second, frame2) = update_frame("hang-once", ops);
+    caller.send(frame2);
+    let mut results = HashMap::new();
+    while results.len() < 2 {
+        let frame = caller.recv_type("invocationresult");
+        results.insert(frame["invocation_id"].as_str().unwrap().to_string(), frame);
+    }
+    assert_eq!(results[&first]["error"]["code"], "STREAM_UPDATE_ERROR", "{:?}", results[&first]);
+    assert!(results[&first]["error"]["message"].as_str().unwrap().contains("timeout"), "{:?}", results[&first]);
+    assert_eq!(results[&second]["result"]["new_value"], json!({ "n": 1 }), "the next update of the item ran: {:?}", results[&second]);
+    assert_eq!(storage.item("hang-once"), Some(json!({ "n": 1 })));
 }

@@ -6,7 +6,7 @@
 //! concurrent updates of one item are all applied, each to the result of the one before.
 //! Subscribers and `stream` triggers get the event as for any other write.
 
-use super::functions::{call_function, finish, send_to_owner};
+use super::functions::{call_within, finish, send_to_owner};
 use super::StreamService;
 use crate::control::engine::Engine;
 use crate::control::functions::BuiltinReply;
@@ -18,8 +18,14 @@ use ringcast_shards::update::UpdateOp;
 use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
+use std::time::Duration;
 
 const CODE: &str = "STREAM_UPDATE_ERROR";
+
+/// How long a custom function called while holding an item's turn may take when the engine has
+/// no `invocation_timeout_ms`: the SDKs' own default call timeout. Past it the call is given
+/// up, so one unanswered call cannot hold the item's later mutations for good.
+const HELD_TURN_LIMIT: Duration = Duration::from_secs(30);
 
 /// Deepest document a write may leave (as the built-in store refuses deeper ones).
 const MAX_DEPTH: usize = 127;
@@ -45,7 +51,7 @@ pub fn update(service: &Rc<StreamService>, engine: &Engine, custom: GetAndSet, k
     BuiltinReply::Later(Box::pin(async move {
         let held = turn.await;
         let (stream, group) = (&key.0, &key.1);
-        let read = call(&weak, &custom.get, json!({ "stream_name": stream, "group_id": group, "item_id": item })).await;
+        let read = call_holding_turn(&weak, &custom.get, json!({ "stream_name": stream, "group_id": group, "item_id": item })).await;
         let old_value = read.map_err(|e| failed(&custom.get, &e))?.filter(|v| !v.is_null());
         let (new_value, errors) = ringcast_shards::update::apply(old_value.as_ref(), &ops);
         if ringcast_shards::update::depth(&new_value) > MAX_DEPTH {
@@ -55,7 +61,7 @@ pub fn update(service: &Rc<StreamService>, engine: &Engine, custom: GetAndSet, k
             ));
         }
         let write = json!({ "stream_name": stream, "group_id": group, "item_id": item, "data": new_value });
-        let written = match call(&weak, &custom.set, write).await {
+        let written = match call_holding_turn(&weak, &custom.set, write).await {
             Ok(Some(result)) if result.is_object() => result,
             Ok(_) => return Err(ErrorBody::new(CODE, format!("Failed to update value: {} returned no result", custom.set))),
             Err(e) => return Err(failed(&custom.set, &e)),
@@ -77,14 +83,12 @@ pub fn update(service: &Rc<StreamService>, engine: &Engine, custom: GetAndSet, k
     }))
 }
 
-/// Calls a custom function from the update's task.
-async fn call(weak: &Weak<RefCell<Engine>>, function_id: &str, data: Value) -> Outcome {
-    let rx = {
-        let Some(engine) = weak.upgrade() else { return Err(ErrorBody::new(CODE, "the engine is shutting down")) };
-        let mut engine = engine.borrow_mut();
-        call_function(&mut engine, function_id, data)
-    };
-    rx.await.unwrap_or_else(|_| Err(ErrorBody::new("invocation_error", format!("{function_id} went away"))))
+/// Calls a custom stream function while holding an item's turn, giving it up after
+/// `invocation_timeout_ms` (or [`HELD_TURN_LIMIT`]).
+pub(super) async fn call_holding_turn(weak: &Weak<RefCell<Engine>>, function_id: &str, data: Value) -> Outcome {
+    let Some(engine) = weak.upgrade() else { return Err(ErrorBody::new(CODE, "the engine is shutting down")) };
+    let limit = engine.borrow().config().invocation_timeout_ms.map_or(HELD_TURN_LIMIT, Duration::from_millis);
+    call_within(&engine, DEFAULT_NS, function_id, data, None, limit, std::future::pending()).await
 }
 
 /// A custom function's error as the update's error, naming the function and its own code.

@@ -304,12 +304,9 @@ fn custom_mutation(
     };
     BuiltinReply::Later(Box::pin(async move {
         let held = turn.await;
-        let Some(engine) = weak.upgrade() else { return Err(ErrorBody::new(error_code, "the engine is shutting down")) };
-        let rx = call_function(&mut engine.borrow_mut(), &function_id, data);
-        drop(engine);
-        let result = match rx.await {
-            Ok(Ok(Some(result))) if result.is_object() => result,
-            Ok(Err(e)) => return Err(e),
+        let result = match super::custom_update::call_holding_turn(&weak, &function_id, data).await {
+            Ok(Some(result)) if result.is_object() => result,
+            Err(e) => return Err(e),
             _ => return Err(ErrorBody::new(error_code, "the custom stream function returned no result")),
         };
         let old = result.get("old_value").filter(|v| !v.is_null()).cloned();
@@ -436,7 +433,7 @@ pub async fn serve_shard_requests(engine: Rc<RefCell<Engine>>, mut requests: Sha
 
 /// Like `call_and_wait`, but gives the call up after `limit` or when `abandon` resolves: its
 /// pending invocation is removed (a late result is then dropped as unknown).
-async fn call_within(
+pub(super) async fn call_within(
     engine: &Rc<RefCell<Engine>>,
     ns: &str,
     function_id: &str,
