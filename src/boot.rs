@@ -242,15 +242,20 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let control_config = wm.clone();
     let control_flag = shutdown.clone();
     let control_metrics = metrics.clone();
-    let streams = config.stream.as_ref().map(|_| (StreamService { shards: shard_senders.clone() }, control_requests_rx));
+    let streams = config.stream.as_ref().map(|_| (StreamService::new(shard_senders.clone()), control_requests_rx));
     // The control core starts empty: the engine's own functions always, the stream functions
     // when `iii-stream` is configured, with the task that serves the shards' requests.
     // The shards' requests are served only once the borrow is released: glommio may poll a new
     // task at once, and a join can already be waiting (the stream port is bound before the
     // control core starts).
+    let http_functions = config.http_functions.clone();
+    let http_metrics = metrics.http_functions.clone();
     let install = move |engine: &Rc<RefCell<control::engine::Engine>>| {
         engine.borrow_mut().set_telemetry(telemetry);
         control::builtins::install(&mut engine.borrow_mut());
+        if let Some(service) = crate::http_functions::HttpService::start(&http_functions, http_metrics) {
+            engine.borrow_mut().install_http_functions(service);
+        }
         if let Some((service, requests)) = streams {
             stream::functions::install(&mut engine.borrow_mut(), service);
             glommio::spawn_local(stream::functions::serve_shard_requests(engine.clone(), requests)).detach();

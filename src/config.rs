@@ -75,6 +75,8 @@ pub struct EngineConfig {
     pub unsupported_workers: Vec<String>,
     /// Address of the `/metrics` and `/healthz` endpoint; `None` = off (`metrics: false`).
     pub metrics: Option<String>,
+    /// `iii-http-functions`: HTTP-invoked functions (on by default, loopback destinations only).
+    pub http_functions: crate::http_functions::HttpFunctionsConfig,
 }
 
 /// Where `/metrics` is served unless the config says otherwise.
@@ -516,6 +518,7 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
     let mut worker_manager: Option<WorkerManagerConfig> = None;
     let mut stream: Option<StreamConfig> = None;
     let mut unsupported_workers = Vec::new();
+    let mut http_functions = crate::http_functions::HttpFunctionsConfig::default();
     for worker in raw.workers.into_iter().chain(raw.modules) {
         let config = worker.config.unwrap_or(serde_yaml::Value::Null);
         let section = format!("worker {}", worker.name);
@@ -547,6 +550,15 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
                 parsed.adapter = parse_adapter(&config, origin)?;
                 stream = Some(parsed);
             }
+            "iii-http-functions" => {
+                http_functions = decode_section(&config, &section, origin)?;
+                http_functions.validate().map_err(|(key, message)| ConfigError::InvalidValue {
+                    origin: origin.to_owned(),
+                    section: section.clone(),
+                    key: Some(key.to_owned()),
+                    message,
+                })?;
+            }
             other => unsupported_workers.push(other.to_string()),
         }
     }
@@ -563,6 +575,7 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
         stream,
         unsupported_workers,
         metrics,
+        http_functions,
     })
 }
 

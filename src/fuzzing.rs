@@ -214,3 +214,20 @@ pub fn telemetry_frame(frame: &[u8], max_line_bytes: usize) -> TelemetryFrame {
         ),
     }
 }
+
+/// An HTTP function's answer (status and complete body) as the call's outcome:
+/// `Ok(result)` or `Err(code)`.
+pub fn http_function_answer(status: u16, body: &[u8]) -> Result<Option<serde_json::Value>, String> {
+    crate::http_functions::client::outcome_of(status, body).map_err(|e| e.code)
+}
+
+/// A worker's `invocation` object (`registerfunction`), checked as at registration against
+/// `allowed_networks` = loopback, with `env` standing for the engine's environment: the scheme
+/// of the URL it would call, or the error code its calls would answer.
+pub fn http_function_registration(invocation: &[u8], env: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let value: serde_json::Value = serde_json::from_slice(invocation).map_err(|_| "not JSON".to_string())?;
+    let config = crate::http_functions::HttpFunctionsConfig::default();
+    crate::http_functions::client::Endpoint::from_registration(value, &config.networks(), &config, env)
+        .map_err(|e| e.code)
+        .and_then(|e| url::Url::parse(e.url()).map(|u| u.scheme().to_string()).map_err(|e| format!("accepted an unparsable URL: {e}")))
+}

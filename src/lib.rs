@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http_functions;
 pub mod metrics;
 pub mod shard_config;
 pub mod stream;

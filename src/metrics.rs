@@ -28,6 +28,8 @@ pub struct Metrics {
     pub shards: AllShardMetrics,
     /// Worker telemetry frames (`/otel`).
     pub telemetry: crate::telemetry::TelemetryMetrics,
+    /// HTTP-invoked functions (`ringcast_http_function_*`).
+    pub http_functions: Arc<crate::http_functions::HttpFunctionMetrics>,
 }
 
 impl Metrics {
@@ -36,6 +38,7 @@ impl Metrics {
             control: ControlMetrics::default(),
             shards: ringcast_shards::metrics::for_shards(shards),
             telemetry: Default::default(),
+            http_functions: Arc::default(),
         })
     }
 
@@ -74,6 +77,7 @@ impl Metrics {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", shard.queued_bytes.load(Ordering::Relaxed));
         }
         self.telemetry.render(&mut out);
+        self.http_functions.render(&mut out);
         out
     }
 }

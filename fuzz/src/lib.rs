@@ -117,6 +117,27 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// HTTP-invoked functions: a registration's `invocation` object (after the first byte) and an
+/// answer (status from the first two bytes, body after them) never panic; a 2xx without a body
+/// is a success without a result, a status of 400 or more an error; a registration that passes
+/// calls an http(s) URL.
+pub fn http_function(data: &[u8]) {
+    let env = |key: &str| (key.len() % 2 == 0).then(|| format!("secret-{key}"));
+    match fuzzing::http_function_registration(data.get(1..).unwrap_or_default(), env) {
+        Ok(scheme) => assert!(scheme == "http" || scheme == "https", "accepted a {scheme:?} URL"),
+        Err(code) => assert!(!code.starts_with("accepted"), "{code}"),
+    }
+    let Some((head, body)) = data.split_first_chunk::<2>() else { return };
+    let status = u16::from_be_bytes(*head) % 600;
+    let outcome = fuzzing::http_function_answer(status, body);
+    if (200..300).contains(&status) && body.is_empty() {
+        assert_eq!(outcome, Ok(None));
+    }
+    if status >= 400 {
+        assert!(outcome.is_err(), "HTTP {status} gave {outcome:?}");
+    }
+}
+
 /// Splits a store_recovery input into segment files.
 pub const SEGMENT_SEPARATOR: &[u8] = b"--seg--";
 /// Most segment files one input makes.

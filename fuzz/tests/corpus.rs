@@ -12,6 +12,7 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("config", ringcast_fuzz::config),
     ("store_recovery", ringcast_fuzz::store_recovery),
     ("telemetry_frame", ringcast_fuzz::telemetry_frame),
+    ("http_function", ringcast_fuzz::http_function),
 ];
 
 #[test]

@@ -35,6 +35,8 @@ pub struct Engine {
     self_ref: Weak<RefCell<Engine>>,
     /// The telemetry thread's handle; `None` (frames discarded) until the boot code sets it.
     pub(super) telemetry: Option<crate::telemetry::Telemetry>,
+    /// Runs HTTP-invoked functions; `None` until installed (or when `iii-http-functions` is off).
+    pub(super) http_functions: Option<super::http_functions::HttpCalls>,
 }
 
 impl Engine {
@@ -52,6 +54,7 @@ impl Engine {
                 shutting_down: false,
                 self_ref: self_ref.clone(),
                 telemetry: None,
+                http_functions: None,
             })
         })
     }
@@ -108,6 +111,7 @@ impl Engine {
     pub fn shutdown(&mut self) {
         self.shutting_down = true;
         self.fail_all_invocations();
+        self.fail_http_calls();
         self.close_all_workers();
     }
 

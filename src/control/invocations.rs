@@ -233,6 +233,7 @@ impl Engine {
                 }
             }
             Handler::Worker(owner) => self.forward(owner, call, reply),
+            Handler::Http { function, .. } => self.invoke_http(function, call, reply),
         }
     }
 

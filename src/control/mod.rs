@@ -13,6 +13,7 @@ pub(crate) mod builtins;
 mod connection;
 pub mod engine;
 pub(crate) mod functions;
+pub(crate) mod http_functions;
 pub(crate) mod invocations;
 pub(crate) mod ns_map;
 pub(crate) mod outbox;
