@@ -500,6 +500,10 @@ struct RawWorker {
 /// named in the error so users know it is not a typo.
 const UNSUPPORTED_WORKER_MANAGER_KEYS: &[&str] = &["middleware_function_id"];
 
+/// ringcast settings of `iii-worker-manager` that apply to the whole engine: read from the first
+/// entry, refused on the others (where they would do nothing).
+const ENGINE_WIDE_WORKER_MANAGER_KEYS: &[&str] = &["invocation_timeout_ms", "max_json_depth"];
+
 /// Reads and parses a config file from disk.
 pub fn load(path: &Path) -> Result<EngineConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -532,6 +536,16 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
                     }
                 }
                 let parsed: WorkerManagerConfig = decode_section(&config, &section, origin)?;
+                if let (Some(_), serde_yaml::Value::Mapping(map)) = (&worker_manager, &config) {
+                    if let Some(key) = ENGINE_WIDE_WORKER_MANAGER_KEYS.iter().find(|key| map.contains_key(**key)) {
+                        return Err(ConfigError::InvalidValue {
+                            origin: origin.to_owned(),
+                            section,
+                            key: Some((*key).to_owned()),
+                            message: "applies to the whole engine: set it on the first iii-worker-manager entry".into(),
+                        });
+                    }
+                }
                 // The first entry is the engine's port; later ones are extra listeners.
                 let taken = worker_manager.iter().chain(&extra_worker_managers).any(|w| w.port == parsed.port && parsed.port != 0);
                 if taken {
@@ -752,6 +766,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(&err, ConfigError::InvalidValue { key: Some(k), .. } if k == "port"), "{err:?}");
+        let err = parse(
+            "workers:\n  - name: iii-worker-manager\n  - name: iii-worker-manager\n    config: {port: 6, invocation_timeout_ms: 5}\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("invocation_timeout_ms: applies to the whole engine"), "{err}");
         let err = parse("workers:\n  - name: iii-worker-manager\n    config: {rbac: {auth_fn: x}}\n", "t").unwrap_err();
         assert!(err.to_string().contains("auth_fn"), "{err}");
         let err = parse("workers:\n  - name: iii-worker-manager\n    config: {rbac: {expose_functions: [\"api::*\"]}}\n", "t").unwrap_err();

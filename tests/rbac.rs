@@ -445,3 +445,54 @@ fn without_an_auth_function_every_worker_is_admitted_and_expose_functions_gates_
     rig.trusted.send(json!({"type": "invokefunction", "invocation_id": uuid(), "function_id": "anon::mine"}));
     assert_eq!(browser.recv_type("invokefunction")["function_id"], "mine");
 }
+
+#[test]
+fn the_telemetry_socket_of_an_rbac_listener_is_authenticated_too() {
+    let mut rig = rig(STANDARD);
+    let mut ws = open(&rig, "otel", &[]);
+    let call = auth_call(&mut rig);
+    fail(&mut rig.trusted, &call);
+    assert_eq!(next_json(&mut ws)["error"]["code"], "AUTH_ERROR");
+    assert_eq!(close_code(&mut ws), Some(1008));
+}
+
+#[test]
+fn an_extra_listener_without_rbac_is_a_plain_worker_port_of_the_same_engine() {
+    let second = free_port();
+    let extra = format!("  - name: iii-worker-manager\n    config:\n      host: 127.0.0.1\n      port: {second}\n      max_message_bytes: 1024\n");
+    let engine = Engine::start_with(&extra, "", &[]);
+    let mut main = Worker::connect(&engine);
+    main.register_function("math::double");
+    let mut other = Worker::connect_url(&format!("ws://127.0.0.1:{second}/"));
+    other.send(json!({"type": "invokefunction", "invocation_id": uuid(), "function_id": "math::double", "data": {"x": 2}}));
+    serve_once(&mut main, "math::double", json!(4));
+    assert_eq!(other.recv_type("invocationresult")["result"], 4);
+    // Its own settings apply to its sockets: a message over its 1 KiB limit closes with 1009.
+    other.send(json!({"type": "registerfunction", "id": "x".repeat(2048)}));
+    assert_eq!(other.recv_close(), Some(1009));
+}
+
+#[test]
+fn clients_that_vanish_during_auth_leave_no_socket_or_worker_behind() {
+    let mut rig = rig(STANDARD);
+    let baseline = rig.engine.fd_count();
+    // Half vanish while their auth call is pending and are admitted anyway; half are refused.
+    for i in 0..20 {
+        let ws = open(&rig, "", &[]);
+        drop(ws); // no Close frame: the socket just goes
+        let call = auth_call(&mut rig);
+        if i % 2 == 0 {
+            rig.trusted.answer(&call, json!({}));
+        } else {
+            fail(&mut rig.trusted, &call);
+        }
+    }
+    wait_until(Duration::from_secs(5), "the vanished clients to be cleaned up", || {
+        metric(&rig, "ringcast_workers_connected") == 1 && rig.engine.fd_count() <= baseline + 2
+    });
+    assert_eq!(metric(&rig, "ringcast_rbac_auth_ok_total"), 10);
+    assert_eq!(metric(&rig, "ringcast_rbac_auth_denied_total"), 10);
+    // The listener still serves.
+    let mut browser = admitted(&mut rig, json!({}));
+    assert!(browser.call("engine::workers::register", json!({"name": "after"})).get("error").is_none());
+}

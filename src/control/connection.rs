@@ -116,10 +116,16 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream, listener: Rc<
         }
     };
     let (sink, source) = ws.split();
-    let upgrade = upgrade.borrow_mut().take();
-    let session = match rbac::admit(&engine, listener.rbac.as_ref(), upgrade, &peer).await {
-        Ok(session) => session,
-        Err(denied) => return rbac::refuse(sink, source, denied).await,
+    // On an RBAC listener the worker and telemetry sockets are authenticated first.
+    let session = match route.get() {
+        Some(Route::Worker | Route::Otel) => {
+            let upgrade = upgrade.borrow_mut().take();
+            match rbac::admit(&engine, listener.rbac.as_ref(), upgrade, &peer).await {
+                Ok(session) => session,
+                Err(denied) => return rbac::refuse(sink, source, denied).await,
+            }
+        }
+        None => None,
     };
     match route.get() {
         Some(Route::Worker) => serve_worker(engine, sink, source, peer, &listener, session).await,

@@ -18,6 +18,10 @@
 //!
 //! A session's frames are applied in order: while a hook runs, the connection's socket is not
 //! read (bounded by `hook_timeout_ms`).
+//!
+//! Function ids, headers and queries here come from untrusted clients: no indexing, slicing by
+//! offset, unwrap or expect outside tests.
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 
 use super::engine::Engine;
 use super::invocations::{Call, Outcome, Reply};
@@ -228,8 +232,9 @@ impl ExposeRule {
             (matcher, namespace) => {
                 let mut map = Map::new();
                 match matcher {
+                    // Wrapped, so that reading it back unwraps exactly once.
                     Matcher::Id(glob) => {
-                        map.insert("match".into(), Value::String(glob.0.clone()));
+                        map.insert("match".into(), Value::String(glob_text(glob)));
                     }
                     Matcher::Metadata(conditions) => {
                         let fields = conditions.iter().map(|(k, c)| {
@@ -560,7 +565,7 @@ async fn call_within(engine: &Rc<RefCell<Engine>>, function_id: &str, input: Val
 
 /// Applies one frame of a session's connection: calls are checked, registrations go through the
 /// session's rights and hooks, the rest goes to the engine as it is.
-pub async fn dispatch(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, session: &Session, message: Inbound) {
+pub async fn dispatch(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, session: &Rc<Session>, message: Inbound) {
     match message {
         Inbound::InvokeFunction(m) => invoke(engine, conn, session, m),
         Inbound::RegisterFunction(m) => register_function(engine, conn, session, m).await,
@@ -577,7 +582,7 @@ pub async fn dispatch(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, session:
 /// The builtins whose answers are narrowed to what the session may see.
 const FILTERED_BUILTINS: &[&str] = &["engine::functions::list", "engine::functions::info"];
 
-fn invoke(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, session: &Session, m: InvokeFunction) {
+fn invoke(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, session: &Rc<Session>, m: InvokeFunction) {
     if is_blank(&m.namespace) {
         // The engine answers INVALID_NAMESPACE.
         engine.borrow_mut().handle(conn, Inbound::InvokeFunction(m));
@@ -653,7 +658,7 @@ fn forbid(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, m: &InvokeFunction, 
 
 /// Runs `engine::functions::list` / `info` for a session and answers with only the functions
 /// it may call: other rows are left out of a list, or reported `forbidden`.
-fn filtered_builtin(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, session: &Session, m: InvokeFunction) {
+fn filtered_builtin(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, session: &Rc<Session>, m: InvokeFunction) {
     let (tx, rx) = oneshot::channel();
     let data = match m.data {
         Some(raw) => Payload::Raw(raw),
@@ -670,7 +675,7 @@ fn filtered_builtin(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, session: &
     };
     engine.borrow_mut().invoke(call, Reply::Internal(tx));
     let reply = Reply::Caller { conn, invocation_id: m.invocation_id.unwrap_or_default(), function_id: m.function_id };
-    let visible = SessionView::of(session);
+    let visible = SessionView(session.clone());
     let weak = engine.borrow().weak_self();
     engine.borrow().spawn(async move {
         let outcome = match rx.await {
@@ -683,24 +688,10 @@ fn filtered_builtin(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, session: &
     });
 }
 
-/// What a filtering task needs of a session (the session itself stays with its connection).
+/// The session a filtering task narrows an answer for.
 struct SessionView(Rc<Session>);
 
 impl SessionView {
-    fn of(session: &Session) -> SessionView {
-        SessionView(Rc::new(Session {
-            rbac: session.rbac.clone(),
-            namespaces: session.namespaces.clone(),
-            allowed_functions: session.allowed_functions.clone(),
-            forbidden_functions: session.forbidden_functions.clone(),
-            allowed_trigger_types: None,
-            allow_trigger_type_registration: false,
-            allow_function_registration: false,
-            context: Value::Null,
-            function_registration_prefix: None,
-        }))
-    }
-
     fn sees(&self, row: &Value) -> bool {
         let id = row.get("function_id").and_then(Value::as_str).unwrap_or_default();
         let ns = row.get("namespace").and_then(Value::as_str).unwrap_or(DEFAULT_NS);
@@ -821,7 +812,7 @@ async fn register_trigger(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, sess
         return;
     }
     if let Some(types) = &session.allowed_trigger_types {
-        if !types.iter().any(|t| *t == m.trigger_type) {
+        if !types.contains(&m.trigger_type) {
             let message = format!("trigger type '{}' not allowed for this session (allowed_trigger_types)", m.trigger_type);
             return refuse_binding(&m, message);
         }
@@ -870,6 +861,7 @@ async fn register_trigger(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, sess
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -930,6 +922,10 @@ mod tests {
         assert!(!parsed[0].exposes("api::x", "orders", None), "a rule without namespace answers in default only");
         let again: Vec<ExposeRule> = serde_json::from_value(serde_json::to_value(&parsed).unwrap()).unwrap();
         assert_eq!(again, parsed);
+        // A map-form pattern that itself looks wrapped keeps its exact text through a round trip.
+        let odd: ExposeRule = serde_json::from_value(json!({"match": "match(\"match(\"q\")\")", "namespace": "n"})).unwrap();
+        let again: ExposeRule = serde_json::from_value(serde_json::to_value(&odd).unwrap()).unwrap();
+        assert_eq!(again, odd);
     }
 
     #[test]
