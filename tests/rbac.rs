@@ -496,3 +496,29 @@ fn clients_that_vanish_during_auth_leave_no_socket_or_worker_behind() {
     let mut browser = admitted(&mut rig, json!({}));
     assert!(browser.call("engine::workers::register", json!({"name": "after"})).get("error").is_none());
 }
+
+#[test]
+fn a_session_cannot_answer_calls_it_was_not_sent_nor_remove_bindings_it_does_not_own() {
+    let mut rig = rig(STANDARD);
+    let mut owner = Worker::connect(&rig.engine);
+    owner.register_function("api::slow");
+    rig.trusted.send(json!({"type": "registertriggertype", "id": "webhook", "description": "hooks"}));
+    rig.trusted.send(json!({"type": "registertrigger", "id": "trusted-binding", "trigger_type": "webhook", "function_id": "api::slow", "config": {}}));
+    rig.trusted.recv_type("registertrigger"); // the engine routes it to its provider (trusted itself)
+    let mut browser = admitted(&mut rig, json!({}));
+
+    // A call between trusted workers: the browser tries to answer it first.
+    let id = uuid();
+    rig.trusted.send(json!({"type": "invokefunction", "invocation_id": id, "function_id": "api::slow", "data": {}}));
+    let call = owner.recv_type("invokefunction");
+    browser.send(json!({"type": "invocationresult", "invocation_id": id, "function_id": "api::slow", "result": "spoofed"}));
+    browser.sync();
+    owner.answer(&call, json!("real"));
+    assert_eq!(rig.trusted.recv_type("invocationresult")["result"], "real");
+
+    // The trusted binding survives the browser's unregistertrigger.
+    browser.send(json!({"type": "unregistertrigger", "id": "trusted-binding", "trigger_type": "webhook"}));
+    browser.sync();
+    let bindings = rig.trusted.ok("engine::registered-triggers::list", json!({}));
+    assert!(bindings.to_string().contains("trusted-binding"), "{bindings}");
+}

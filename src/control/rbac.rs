@@ -575,6 +575,25 @@ pub async fn dispatch(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, session:
         }
         Inbound::RegisterTriggerType(m) => register_trigger_type(engine, conn, session, m).await,
         Inbound::RegisterTrigger(m) => register_trigger(engine, conn, session, m).await,
+        // An untrusted worker answers only the calls it was sent, and removes only its own bindings.
+        Inbound::InvocationResult(m) => {
+            let owner = Uuid::parse_str(&m.invocation_id).ok().and_then(|id| engine.borrow_mut().invocations.get_mut(&id).map(|p| p.owner));
+            match owner {
+                Some(owner) if owner != conn => {
+                    tracing::warn!(conn, invocation_id = %m.invocation_id, "dropped an invocationresult for a call this session was not sent");
+                }
+                _ => engine.borrow_mut().handle(conn, Inbound::InvocationResult(m)),
+            }
+        }
+        Inbound::UnregisterTrigger(m) => {
+            let owner = engine.borrow().triggers.binding(&m.id).map(|b| b.owner);
+            match owner {
+                Some(owner) if owner != Some(conn) => {
+                    tracing::warn!(conn, trigger_id = %m.id, "ignored unregistertrigger of a binding this session does not own");
+                }
+                _ => engine.borrow_mut().handle(conn, Inbound::UnregisterTrigger(m)),
+            }
+        }
         other => engine.borrow_mut().handle(conn, other),
     }
 }
