@@ -522,3 +522,23 @@ fn a_session_cannot_answer_calls_it_was_not_sent_nor_remove_bindings_it_does_not
     let bindings = rig.trusted.ok("engine::registered-triggers::list", json!({}));
     assert!(bindings.to_string().contains("trusted-binding"), "{bindings}");
 }
+
+#[test]
+fn connections_past_max_pending_auth_are_refused_at_once_and_the_slots_come_back() {
+    let mut rig = rig(&format!("{STANDARD}        max_pending_auth: 2\n"));
+    let (mut first, mut second) = (open(&rig, "", &[]), open(&rig, "", &[]));
+    let calls = [auth_call(&mut rig), auth_call(&mut rig)];
+    wait_until(Duration::from_secs(3), "two pending auth calls", || metric(&rig, "ringcast_rbac_auth_pending") == 2);
+    let mut third = open(&rig, "", &[]);
+    let frame = next_json(&mut third);
+    assert!(frame["error"]["message"].as_str().unwrap().contains("too many connections waiting"), "{frame}");
+    assert_eq!(close_code(&mut third), Some(1008));
+    for call in &calls {
+        rig.trusted.answer(call, json!({}));
+    }
+    assert_eq!(next_json(&mut first)["type"], "workerregistered");
+    assert_eq!(next_json(&mut second)["type"], "workerregistered");
+    assert_eq!(metric(&rig, "ringcast_rbac_auth_pending"), 0);
+    // The slots are free again.
+    admitted(&mut rig, json!({}));
+}

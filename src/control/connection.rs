@@ -120,7 +120,7 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream, listener: Rc<
     let session = match route.get() {
         Some(Route::Worker | Route::Otel) => {
             let upgrade = upgrade.borrow_mut().take();
-            match rbac::admit(&engine, listener.rbac.as_ref(), upgrade, &peer).await {
+            match rbac::admit(&engine, listener.port, listener.rbac.as_ref(), upgrade, &peer).await {
                 Ok(session) => session,
                 Err(denied) => return rbac::refuse(sink, source, denied).await,
             }

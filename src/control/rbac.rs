@@ -94,10 +94,17 @@ pub struct RbacConfig {
     /// ringcast: longest wait for a registration hook; past it the registration is denied.
     #[serde(default = "default_call_timeout_ms")]
     pub hook_timeout_ms: u64,
+    /// ringcast: connections of this listener whose auth call may be in flight at once; more
+    /// are refused at once (`AUTH_ERROR`, "too many connections waiting for authentication").
+    #[serde(default = "default_max_pending_auth")]
+    pub max_pending_auth: usize,
 }
 
 fn default_call_timeout_ms() -> u64 {
     5_000
+}
+fn default_max_pending_auth() -> usize {
+    1_024
 }
 
 /// A `*` glob anchored at both ends (`*` matches any run of characters, the empty one too).
@@ -279,6 +286,8 @@ pub struct RbacMetrics {
     pub auth_denied_total: AtomicU64,
     pub forbidden_calls_total: AtomicU64,
     pub registrations_denied_total: AtomicU64,
+    /// Auth calls in flight, all RBAC listeners together.
+    pub auth_pending: AtomicU64,
 }
 
 impl RbacMetrics {
@@ -293,6 +302,8 @@ impl RbacMetrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
         }
+        let name = "ringcast_rbac_auth_pending";
+        let _ = writeln!(out, "# HELP {name} Auth calls of RBAC listeners in flight\n# TYPE {name} gauge\n{name} {}", self.auth_pending.load(Relaxed));
     }
 }
 
@@ -468,10 +479,52 @@ pub struct AuthDenied {
     pub message: String,
 }
 
-/// Admits a connection to a listener: `Ok(None)` on a listener without `rbac`, the session
-/// otherwise, or why it is refused. Counts and logs the outcome.
+thread_local! {
+    /// Auth calls in flight per listener port (the control core is one thread).
+    static PENDING_AUTH: RefCell<HashMap<u16, usize>> = RefCell::new(HashMap::new());
+}
+
+/// One connection's place among its listener's pending authentications; given back when
+/// dropped, however the authentication ends.
+struct AuthSlot {
+    port: u16,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl AuthSlot {
+    fn take(port: u16, limit: usize, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Option<AuthSlot> {
+        let taken = PENDING_AUTH.with(|pending| {
+            let mut pending = pending.borrow_mut();
+            let count = pending.entry(port).or_default();
+            if *count >= limit {
+                return false;
+            }
+            *count += 1;
+            true
+        });
+        taken.then(|| {
+            metrics.rbac.auth_pending.fetch_add(1, Relaxed);
+            AuthSlot { port, metrics }
+        })
+    }
+}
+
+impl Drop for AuthSlot {
+    fn drop(&mut self) {
+        PENDING_AUTH.with(|pending| {
+            if let Some(count) = pending.borrow_mut().get_mut(&self.port) {
+                *count = count.saturating_sub(1);
+            }
+        });
+        self.metrics.rbac.auth_pending.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Admits a connection to a listener (`port`): `Ok(None)` on a listener without `rbac`, the
+/// session otherwise, or why it is refused. Counts and logs the outcome.
 pub async fn admit(
     engine: &Rc<RefCell<Engine>>,
+    port: u16,
     rbac: Option<&RbacConfig>,
     request: Option<UpgradeRequest>,
     peer: &str,
@@ -480,6 +533,13 @@ pub async fn admit(
     let rbac = Rc::new(rbac.clone());
     let Some(function_id) = rbac.auth_function_id.clone() else {
         return Ok(Some(Rc::new(Session::unauthenticated(rbac))));
+    };
+    let metrics = engine.borrow().metrics.clone();
+    let Some(_slot) = AuthSlot::take(port, rbac.max_pending_auth, metrics) else {
+        engine.borrow().metrics().rbac.auth_denied_total.fetch_add(1, Relaxed);
+        let limit = rbac.max_pending_auth;
+        tracing::warn!(peer, port, limit, "worker refused: too many connections waiting for authentication (max_pending_auth)");
+        return Err(AuthDenied { message: "too many connections waiting for authentication; retry later".into() });
     };
     let request = request.unwrap_or(UpgradeRequest { headers: Map::new(), query: Map::new() });
     let input = json!({ "headers": request.headers, "query_params": request.query, "ip_address": peer });
@@ -898,6 +958,7 @@ mod tests {
             function_registration_prefix: None,
             auth_timeout_ms: 1,
             hook_timeout_ms: 1,
+            max_pending_auth: 1,
         };
         Session::from_auth(Rc::new(rbac), serde_json::from_value(auth).expect("an auth result"))
     }
