@@ -716,7 +716,9 @@ fn forbid(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, m: &InvokeFunction, 
     let e = engine.borrow();
     e.metrics().rbac.forbidden_calls_total.fetch_add(1, Relaxed);
     let worker_id = e.workers.get(conn).map(|c| c.worker_id.clone()).unwrap_or_default();
-    tracing::info!(worker_id = %worker_id, function_id = %m.function_id, "call refused: {message}");
+    if let Some(suppressed) = log_budget() {
+        tracing::info!(worker_id = %worker_id, function_id = %m.function_id, suppressed, "call refused: {message}");
+    }
     let id = match (&m.action, &m.invocation_id) {
         (Some(Action::Void), _) | (_, None) => Uuid::new_v4().to_string(),
         (_, Some(id)) => id.clone(),
@@ -801,12 +803,43 @@ impl SessionView {
     }
 }
 
+/// Refusal log lines allowed per second; past it they are counted (the metrics count them all)
+/// and the next line says how many were left out, so a client hammering refused calls cannot
+/// flood the log.
+const REFUSAL_LINES_PER_SECOND: u32 = 20;
+
+thread_local! {
+    /// (start of the current second, lines logged in it, lines suppressed since the last one).
+    static LOG_BUDGET: std::cell::Cell<(Option<std::time::Instant>, u32, u64)> = const { std::cell::Cell::new((None, 0, 0)) };
+}
+
+/// Whether a refusal may be logged now: `Some(lines suppressed before it)`, or `None`.
+fn log_budget() -> Option<u64> {
+    LOG_BUDGET.with(|budget| {
+        let (start, lines, suppressed) = budget.get();
+        let now = std::time::Instant::now();
+        let (start, lines) = match start {
+            Some(start) if now.duration_since(start) < Duration::from_secs(1) => (start, lines),
+            _ => (now, 0),
+        };
+        if lines >= REFUSAL_LINES_PER_SECOND {
+            budget.set((Some(start), lines, suppressed + 1));
+            None
+        } else {
+            budget.set((Some(start), lines + 1, 0));
+            Some(suppressed)
+        }
+    })
+}
+
 /// Logs and counts a denied registration.
 fn deny_registration(engine: &Rc<RefCell<Engine>>, conn: WorkerConnId, what: &str, id: &str, why: &str) {
     let e = engine.borrow();
     e.metrics().rbac.registrations_denied_total.fetch_add(1, Relaxed);
     let worker_id = e.workers.get(conn).map(|c| c.worker_id.clone()).unwrap_or_default();
-    tracing::warn!(worker_id = %worker_id, id, "{what} registration denied: {why}");
+    if let Some(suppressed) = log_budget() {
+        tracing::warn!(worker_id = %worker_id, id, suppressed, "{what} registration denied: {why}");
+    }
 }
 
 /// Calls a registration hook; its object answer, or why the registration is denied.
@@ -961,6 +994,19 @@ mod tests {
             max_pending_auth: 1,
         };
         Session::from_auth(Rc::new(rbac), serde_json::from_value(auth).expect("an auth result"))
+    }
+
+    #[test]
+    fn refusal_logging_is_bounded_per_second_and_reports_what_it_left_out() {
+        let allowed = (0..REFUSAL_LINES_PER_SECOND + 5).filter_map(|_| log_budget()).count();
+        assert_eq!(allowed, REFUSAL_LINES_PER_SECOND as usize);
+        // A second later the next line is logged and tells how many were left out.
+        LOG_BUDGET.with(|b| {
+            let (_, lines, suppressed) = b.get();
+            b.set((std::time::Instant::now().checked_sub(Duration::from_secs(2)), lines, suppressed));
+        });
+        assert_eq!(log_budget(), Some(5));
+        assert_eq!(log_budget(), Some(0));
     }
 
     #[test]
