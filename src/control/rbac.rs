@@ -538,7 +538,9 @@ pub async fn admit(
     let Some(_slot) = AuthSlot::take(port, rbac.max_pending_auth, metrics) else {
         engine.borrow().metrics().rbac.auth_denied_total.fetch_add(1, Relaxed);
         let limit = rbac.max_pending_auth;
-        tracing::warn!(peer, port, limit, "worker refused: too many connections waiting for authentication (max_pending_auth)");
+        if let Some(suppressed) = log_budget() {
+            tracing::warn!(peer, port, limit, suppressed, "worker refused: too many connections waiting for authentication (max_pending_auth)");
+        }
         return Err(AuthDenied { message: "too many connections waiting for authentication; retry later".into() });
     };
     let request = request.unwrap_or(UpgradeRequest { headers: Map::new(), query: Map::new() });
@@ -561,7 +563,9 @@ pub async fn admit(
         }
         Err(message) => {
             engine.borrow().metrics().rbac.auth_denied_total.fetch_add(1, Relaxed);
-            tracing::warn!(peer, auth_function = %function_id, "worker refused by the auth function: {message}");
+            if let Some(suppressed) = log_budget() {
+                tracing::warn!(peer, auth_function = %function_id, suppressed, "worker refused by the auth function: {message}");
+            }
             Err(AuthDenied { message })
         }
     }
