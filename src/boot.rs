@@ -214,6 +214,13 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     // Started here, on an unpinned thread, so that its threads are not pinned to the control core.
     let telemetry = crate::telemetry::Telemetry::start(&wm.telemetry, metrics.clone());
     let (worker_fd, worker_addr) = bind(&wm.host, wm.port, "iii-worker-manager", false)?;
+    let mut extra_listeners = Vec::new();
+    for extra in &config.extra_worker_managers {
+        let (fd, addr) = bind(&extra.host, extra.port, "iii-worker-manager", false)?;
+        let access = if extra.rbac.is_some() { "with rbac" } else { "without rbac" };
+        tracing::info!("extra worker listener on ws://{addr}/ ({access})");
+        extra_listeners.push((fd, extra.clone()));
+    }
     // One SO_REUSEPORT listener per shard on the stream port: the kernel spreads subscribers.
     let mut stream_fds = Vec::new();
     let mut stream_addr = None;
@@ -266,7 +273,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         std::time::Duration::from_micros(micros)
     };
     let control = runtime::spawn_pinned("ringcast-control", plan.control_cpu, io_memory, spin_on(plan.control_cpu), move || {
-        control::run(worker_fd, control_config, control_metrics, control_flag, install)
+        control::run(worker_fd, control_config, extra_listeners, control_metrics, control_flag, install)
     })?;
 
     let mut shards = Vec::new();

@@ -231,3 +231,25 @@ pub fn http_function_registration(invocation: &[u8], env: impl Fn(&str) -> Optio
         .map_err(|e| e.code)
         .and_then(|e| url::Url::parse(e.url()).map(|u| u.scheme().to_string()).map_err(|e| format!("accepted an unparsable URL: {e}")))
 }
+
+/// `*` glob matching of an RBAC listener (`match("…")` rules against function ids and
+/// metadata values sent by untrusted workers).
+pub fn rbac_glob(pattern: &str, value: &str) -> bool {
+    crate::control::rbac::Glob::new(pattern).matches(value)
+}
+
+/// One `expose_functions` rule as the config reader takes it (here from JSON): `None` when it is
+/// refused; otherwise whether it exposes `function_id` in `namespace` with `metadata`, and the
+/// rule read back from its own serialisation (it must be the same rule).
+pub fn rbac_rule(
+    rule: &[u8],
+    function_id: &str,
+    namespace: &str,
+    metadata: Option<&serde_json::Value>,
+) -> Option<(bool, bool)> {
+    use crate::control::rbac::ExposeRule;
+    let parsed: ExposeRule = serde_json::from_slice(rule).ok()?;
+    let exposed = parsed.exposes(function_id, namespace, metadata);
+    let again = serde_json::to_vec(&parsed).ok().and_then(|text| serde_json::from_slice::<ExposeRule>(&text).ok());
+    Some((exposed, again.as_ref() == Some(&parsed)))
+}

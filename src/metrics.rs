@@ -30,6 +30,8 @@ pub struct Metrics {
     pub telemetry: crate::telemetry::TelemetryMetrics,
     /// HTTP-invoked functions (`ringcast_http_function_*`).
     pub http_functions: Arc<crate::http_functions::HttpFunctionMetrics>,
+    /// Counters of the RBAC listeners (`ringcast_rbac_*`).
+    pub rbac: crate::control::rbac::RbacMetrics,
 }
 
 impl Metrics {
@@ -39,6 +41,7 @@ impl Metrics {
             shards: ringcast_shards::metrics::for_shards(shards),
             telemetry: Default::default(),
             http_functions: Arc::default(),
+            rbac: Default::default(),
         })
     }
 
@@ -78,6 +81,7 @@ impl Metrics {
         }
         self.telemetry.render(&mut out);
         self.http_functions.render(&mut out);
+        self.rbac.render(&mut out);
         out
     }
 }

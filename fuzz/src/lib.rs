@@ -203,3 +203,46 @@ fn check_clipped(text: &str, limit: usize) {
     };
     assert!(kept.len() <= limit, "{} bytes kept over a limit of {limit}: {text:?}", kept.len());
 }
+
+/// Longest pattern and value `rbac_rules` compares with its model (the model is quadratic).
+const RBAC_MAX_CHARS: usize = 64;
+
+/// RBAC `expose_functions` rules: `pattern\nvalue\nrule-json`. The glob matcher must agree with
+/// a plain dynamic-programming model of anchored `*` globs; a rule read from any JSON must not
+/// panic when applied, and must read back as itself from its own serialisation.
+pub fn rbac_rules(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.splitn(3, '\n');
+    let pattern: String = lines.next().unwrap_or_default().chars().take(RBAC_MAX_CHARS).collect();
+    let value: String = lines.next().unwrap_or_default().chars().take(RBAC_MAX_CHARS).collect();
+    let rule = lines.next().unwrap_or_default();
+    assert_eq!(
+        fuzzing::rbac_glob(&pattern, &value),
+        glob_model(&pattern, &value),
+        "glob {pattern:?} against {value:?}"
+    );
+    let metadata = serde_json::json!({ "public": true, "name": value });
+    for namespace in ["default", "other"] {
+        if let Some((_, round_trips)) = fuzzing::rbac_rule(rule.as_bytes(), &value, namespace, Some(&metadata)) {
+            assert!(round_trips, "rule {rule:?} does not read back as itself");
+        }
+    }
+}
+
+/// `matches[i][j]`: the first `i` pattern chars match the first `j` value chars.
+fn glob_model(pattern: &str, value: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let v: Vec<char> = value.chars().collect();
+    let mut matches = vec![vec![false; v.len() + 1]; p.len() + 1];
+    matches[0][0] = true;
+    for i in 1..=p.len() {
+        for j in 0..=v.len() {
+            matches[i][j] = if p[i - 1] == '*' {
+                matches[i - 1][j] || (j > 0 && matches[i][j - 1])
+            } else {
+                j > 0 && p[i - 1] == v[j - 1] && matches[i - 1][j - 1]
+            };
+        }
+    }
+    matches[p.len()][v.len()]
+}

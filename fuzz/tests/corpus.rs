@@ -13,6 +13,7 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("store_recovery", ringcast_fuzz::store_recovery),
     ("telemetry_frame", ringcast_fuzz::telemetry_frame),
     ("http_function", ringcast_fuzz::http_function),
+    ("rbac_rules", ringcast_fuzz::rbac_rules),
 ];
 
 #[test]

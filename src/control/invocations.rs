@@ -252,7 +252,8 @@ impl Engine {
         owner_conn.owner_inflight.insert(id);
         owner_conn.send(&Outbound::InvokeFunction {
             invocation_id: &id_text,
-            function_id: &call.function_id,
+            // A prefixed session's worker knows its functions without the prefix.
+            function_id: super::rbac::local_function_id(owner_conn, &call.function_id),
             data: &call.data,
             traceparent: call.traceparent.as_deref(),
             baggage: baggage.as_deref(),
