@@ -255,12 +255,13 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     // The shards' requests are served only once the borrow is released: glommio may poll a new
     // task at once, and a join can already be waiting (the stream port is bound before the
     // control core starts).
-    let http_functions = config.http_functions.clone();
-    let http_metrics = metrics.http_functions.clone();
+    // The HTTP function threads start here, not on the control core, so that they are not
+    // pinned to its CPU.
+    let http_functions = crate::http_functions::HttpService::start(&config.http_functions, metrics.http_functions.clone());
     let install = move |engine: &Rc<RefCell<control::engine::Engine>>| {
         engine.borrow_mut().set_telemetry(telemetry);
         control::builtins::install(&mut engine.borrow_mut());
-        if let Some(service) = crate::http_functions::HttpService::start(&http_functions, http_metrics) {
+        if let Some(service) = http_functions {
             engine.borrow_mut().install_http_functions(service);
         }
         if let Some((service, requests)) = streams {
