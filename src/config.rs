@@ -111,6 +111,23 @@ pub struct WorkerManagerConfig {
     /// (1001 `ping timeout`); 0 turns pings off.
     #[serde(default = "default_worker_ping_timeout_ms")]
     pub ping_timeout_ms: u64,
+    /// Both ends of a channel must connect within this time of its creation; a channel whose
+    /// peer never came is reclaimed and the end that did connect is closed (4001).
+    #[serde(default = "crate::channels::default_connect_timeout_ms")]
+    pub channel_connect_timeout_ms: u64,
+    /// Channels that may exist at once; `engine::channels::create` beyond it is refused.
+    #[serde(default = "crate::channels::default_max_channels")]
+    pub max_channels: usize,
+    /// Frames a channel buffers when the create call names no `buffer_size`.
+    #[serde(default = "crate::channels::default_buffer_size")]
+    pub channel_default_buffer_size: usize,
+    /// Largest `buffer_size` (frames) a create call gets; larger requests are capped.
+    #[serde(default = "crate::channels::max_buffer_size")]
+    pub channel_max_buffer_size: usize,
+    /// Bytes one channel buffers between its writer and its reader, whatever its `buffer_size`
+    /// (one frame of any size fits an empty buffer).
+    #[serde(default = "crate::channels::default_max_buffer_bytes")]
+    pub channel_max_buffer_bytes: usize,
 }
 
 impl Default for WorkerManagerConfig {
@@ -125,6 +142,11 @@ impl Default for WorkerManagerConfig {
             max_outbox_bytes: default_max_outbox_bytes(),
             ping_interval_ms: default_worker_ping_interval_ms(),
             ping_timeout_ms: default_worker_ping_timeout_ms(),
+            channel_connect_timeout_ms: crate::channels::default_connect_timeout_ms(),
+            max_channels: crate::channels::default_max_channels(),
+            channel_default_buffer_size: crate::channels::default_buffer_size(),
+            channel_max_buffer_size: crate::channels::max_buffer_size(),
+            channel_max_buffer_bytes: crate::channels::default_max_buffer_bytes(),
         }
     }
 }

@@ -26,11 +26,17 @@ pub struct Metrics {
     pub control: ControlMetrics,
     /// Counters of each shard, by index (the shards update them).
     pub shards: AllShardMetrics,
+    /// Counters of the channels executor.
+    pub channels: Arc<crate::channels::ChannelMetrics>,
 }
 
 impl Metrics {
     pub fn new(shards: usize) -> Arc<Metrics> {
-        Arc::new(Metrics { control: ControlMetrics::default(), shards: ringcast_shards::metrics::for_shards(shards) })
+        Arc::new(Metrics {
+            control: ControlMetrics::default(),
+            shards: ringcast_shards::metrics::for_shards(shards),
+            channels: Default::default(),
+        })
     }
 
     /// The Prometheus text exposition of every counter.
@@ -67,6 +73,7 @@ impl Metrics {
         for (i, shard) in self.shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", shard.queued_bytes.load(Ordering::Relaxed));
         }
+        self.channels.render(&mut out);
         out
     }
 }

@@ -33,6 +33,9 @@ pub struct Engine {
     pub(super) shutting_down: bool,
     /// Lets handlers spawn tasks that come back to the engine.
     self_ref: Weak<RefCell<Engine>>,
+    /// Where the worker port hands channel connections (`/ws/channels/…`); set by
+    /// `channels::install`, `None` in engines built without channels.
+    pub(crate) channels: Option<crate::channels::Channels>,
 }
 
 impl Engine {
@@ -49,6 +52,7 @@ impl Engine {
                 functions_changed_scheduled: false,
                 shutting_down: false,
                 self_ref: self_ref.clone(),
+                channels: None,
             })
         })
     }
