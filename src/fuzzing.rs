@@ -177,3 +177,14 @@ fn listing(store: &ringcast_storage::file::FileStore) -> Listing {
     }
     out
 }
+
+/// The channel endpoint's request target (`/ws/channels/{id}?key=…&dir=…`), as the channels
+/// executor parses it during the upgrade.
+pub fn channel_request(target: &str) -> Result<crate::channels::request::ChannelRequest, crate::channels::request::RequestError> {
+    crate::channels::request::parse(target)
+}
+
+/// The worker port's look at a connection's first bytes: a channel request or not, or undecided.
+pub fn channel_request_line(first_bytes: &[u8]) -> crate::channels::request::Peeked {
+    crate::channels::request::classify(first_bytes)
+}

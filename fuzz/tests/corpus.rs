@@ -11,6 +11,7 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("update_ops", ringcast_fuzz::update_ops),
     ("config", ringcast_fuzz::config),
     ("store_recovery", ringcast_fuzz::store_recovery),
+    ("channel_request", ringcast_fuzz::channel_request),
 ];
 
 #[test]
