@@ -34,6 +34,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const USER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Close code for a frame over `max_message_bytes`.
 const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code for a frame that breaks the WebSocket protocol.
+const CLOSE_PROTOCOL: u16 = 1002;
+/// Close code for a text frame that is not UTF-8.
+const CLOSE_BAD_DATA: u16 = 1007;
 /// Close code and reason when the engine stops.
 const CLOSE_SHUTDOWN: u16 = 1001;
 
@@ -350,6 +354,12 @@ async fn run_writer(pipe: &Pipe, sink: Sink, mut source: Source) {
                 tracing::warn!("channel writer closed: {e}");
                 pipe.finish_writer(CloseReason::new(CLOSE_TOO_BIG, "channel writer sent a message over max_message_bytes"));
                 break Ending::Send(CloseReason::new(CLOSE_TOO_BIG, "message too big"));
+            }
+            Either::Left((Some(Err(e @ (WsError::Utf8(_) | WsError::Protocol(_)))), _)) => {
+                tracing::warn!("channel writer closed: it broke the WebSocket protocol: {e}");
+                pipe.finish_writer(CloseReason::new(CLOSE_PEER_WENT_AWAY, "channel writer failed: invalid frame"));
+                let code = if matches!(e, WsError::Utf8(_)) { CLOSE_BAD_DATA } else { CLOSE_PROTOCOL };
+                break Ending::Send(CloseReason::new(code, "invalid frame"));
             }
             Either::Left((Some(Err(_)) | None, _)) => {
                 pipe.finish_writer(CloseReason::new(CLOSE_PEER_WENT_AWAY, "channel writer went away"));
