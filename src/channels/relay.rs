@@ -25,6 +25,7 @@ use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::StatusCode;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tungstenite::error::ProtocolError;
 use tungstenite::{Error as WsError, Message};
 
 /// Longest the engine tries to write a close frame and waits for the peer's answer.
@@ -355,7 +356,7 @@ async fn run_writer(pipe: &Pipe, sink: Sink, mut source: Source) {
                 pipe.finish_writer(CloseReason::new(CLOSE_TOO_BIG, "channel writer sent a message over max_message_bytes"));
                 break Ending::Send(CloseReason::new(CLOSE_TOO_BIG, "message too big"));
             }
-            Either::Left((Some(Err(e @ (WsError::Utf8(_) | WsError::Protocol(_)))), _)) => {
+            Either::Left((Some(Err(e)), _)) if broke_protocol(&e) => {
                 tracing::warn!("channel writer closed: it broke the WebSocket protocol: {e}");
                 pipe.finish_writer(CloseReason::new(CLOSE_PEER_WENT_AWAY, "channel writer failed: invalid frame"));
                 let code = if matches!(e, WsError::Utf8(_)) { CLOSE_BAD_DATA } else { CLOSE_PROTOCOL };
@@ -370,6 +371,15 @@ async fn run_writer(pipe: &Pipe, sink: Sink, mut source: Source) {
         }
     };
     close_socket(sink, source, close_with).await;
+}
+
+/// Whether a read error is the peer's fault (an invalid frame), not its disappearance.
+fn broke_protocol(e: &WsError) -> bool {
+    match e {
+        WsError::Utf8(_) => true,
+        WsError::Protocol(p) => !matches!(p, ProtocolError::ResetWithoutClosingHandshake),
+        _ => false,
+    }
 }
 
 /// How a channel socket ends.
