@@ -44,6 +44,8 @@ enum StartError {
     Signal(std::io::Error),
     #[error("cannot start a watcher thread: {0}")]
     Watcher(std::io::Error),
+    #[error(transparent)]
+    Channels(#[from] crate::channels::StartError),
 }
 
 /// `ringcast check-config PATH`.
@@ -138,6 +140,9 @@ fn watch<T: Send + 'static>(
         .map_err(StartError::Watcher)
 }
 
+/// Executors besides the control core and the shards: `ringcast-channels`.
+const CHANNEL_EXECUTORS: usize = 1;
+
 const BIND_RETRIES: u32 = 25;
 const BIND_RETRY_PAUSE: Duration = Duration::from_millis(40);
 
@@ -196,7 +201,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         tracing::warn!("worker {worker} is not supported by ringcast; it will not start");
     }
     let plan = CorePlan::new(&runtime::allowed_cpus(), cli.shards, cli.control_core)?;
-    let io_memory = runtime::io_memory_per_executor(plan.executor_count(), runtime::memlock_limit())?;
+    let io_memory = runtime::io_memory_per_executor(plan.executor_count() + CHANNEL_EXECUTORS, runtime::memlock_limit())?;
 
     // Metrics first: once the worker port answers, /metrics does too.
     let metrics = crate::metrics::Metrics::new(plan.shard_cpus.len());
@@ -242,6 +247,10 @@ fn start(cli: &Cli) -> Result<(), StartError> {
             .map_err(StartError::Signal)?;
     }
 
+    // The channels executor: channel sockets and buffers, off the control core.
+    let (channels, channels_core) =
+        crate::channels::start(wm, metrics.channels.clone(), shutdown.clone(), io_memory)?;
+
     let shard_count = plan.shard_cpus.len();
     let (shard_senders, shard_inboxes): (Vec<_>, Vec<_>) =
         (0..shard_count).map(|_| futures_channel::mpsc::unbounded()).unzip();
@@ -264,6 +273,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         if let Some(service) = http_functions {
             engine.borrow_mut().install_http_functions(service);
         }
+        crate::channels::install(&mut engine.borrow_mut(), channels);
         if let Some((service, requests)) = streams {
             stream::functions::install(&mut engine.borrow_mut(), service);
             glommio::spawn_local(stream::functions::serve_shard_requests(engine.clone(), requests)).detach();
@@ -324,8 +334,9 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     // opened, an unexpected return) ends the process, instead of leaving the other cores
     // serving while every call for the dead one hangs.
     let (ends_tx, ends) = std::sync::mpsc::channel();
-    let cores = 1 + shards.len();
+    let cores = 1 + CHANNEL_EXECUTORS + shards.len();
     let watched = std::iter::once(watch("ringcast-control".into(), control, ends_tx.clone(), |()| CoreEnd::Done))
+        .chain(std::iter::once(watch("ringcast-channels".into(), channels_core, ends_tx.clone(), |()| CoreEnd::Done)))
         .chain(shards.into_iter().map(|(name, h)| {
             watch(name, h, ends_tx.clone(), |r: Result<(), StoreStartError>| r.map_or_else(CoreEnd::StartFailed, |()| CoreEnd::Done))
         }))

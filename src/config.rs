@@ -123,6 +123,23 @@ pub struct WorkerManagerConfig {
     /// Authentication and access control for this listener (see `control::rbac`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rbac: Option<crate::control::rbac::RbacConfig>,
+    /// Both ends of a channel must connect within this time of its creation; a channel whose
+    /// peer never came is reclaimed and the end that did connect is closed (4001).
+    #[serde(default = "crate::channels::default_connect_timeout_ms")]
+    pub channel_connect_timeout_ms: u64,
+    /// Channels that may exist at once; `engine::channels::create` beyond it is refused.
+    #[serde(default = "crate::channels::default_max_channels")]
+    pub max_channels: usize,
+    /// Frames a channel buffers when the create call names no `buffer_size`.
+    #[serde(default = "crate::channels::default_buffer_size")]
+    pub channel_default_buffer_size: usize,
+    /// Largest `buffer_size` (frames) a create call gets; larger requests are capped.
+    #[serde(default = "crate::channels::max_buffer_size")]
+    pub channel_max_buffer_size: usize,
+    /// Bytes one channel buffers between its writer and its reader, whatever its `buffer_size`
+    /// (one frame of any size fits an empty buffer).
+    #[serde(default = "crate::channels::default_max_buffer_bytes")]
+    pub channel_max_buffer_bytes: usize,
 }
 
 impl Default for WorkerManagerConfig {
@@ -139,6 +156,11 @@ impl Default for WorkerManagerConfig {
             ping_timeout_ms: default_worker_ping_timeout_ms(),
             telemetry: Default::default(),
             rbac: None,
+            channel_connect_timeout_ms: crate::channels::default_connect_timeout_ms(),
+            max_channels: crate::channels::default_max_channels(),
+            channel_default_buffer_size: crate::channels::default_buffer_size(),
+            channel_max_buffer_size: crate::channels::max_buffer_size(),
+            channel_max_buffer_bytes: crate::channels::default_max_buffer_bytes(),
         }
     }
 }

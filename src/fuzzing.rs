@@ -253,3 +253,14 @@ pub fn rbac_rule(
     let again = serde_json::to_vec(&parsed).ok().and_then(|text| serde_json::from_slice::<ExposeRule>(&text).ok());
     Some((exposed, again.as_ref() == Some(&parsed)))
 }
+
+/// The channel endpoint's request target (`/ws/channels/{id}?key=…&dir=…`), as the channels
+/// executor parses it during the upgrade.
+pub fn channel_request(target: &str) -> Result<crate::channels::request::ChannelRequest, crate::channels::request::RequestError> {
+    crate::channels::request::parse(target)
+}
+
+/// The worker port's look at a connection's first bytes: a channel request or not, or undecided.
+pub fn channel_request_line(first_bytes: &[u8]) -> crate::channels::request::Peeked {
+    crate::channels::request::classify(first_bytes)
+}

@@ -4,6 +4,7 @@
 //! modules directly.
 
 pub mod boot;
+pub mod channels;
 pub mod cli;
 pub mod config;
 pub mod control;

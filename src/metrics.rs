@@ -32,6 +32,8 @@ pub struct Metrics {
     pub http_functions: Arc<crate::http_functions::HttpFunctionMetrics>,
     /// Counters of the RBAC listeners (`ringcast_rbac_*`).
     pub rbac: crate::control::rbac::RbacMetrics,
+    /// Counters of the channels executor.
+    pub channels: Arc<crate::channels::ChannelMetrics>,
 }
 
 impl Metrics {
@@ -42,6 +44,7 @@ impl Metrics {
             telemetry: Default::default(),
             http_functions: Arc::default(),
             rbac: Default::default(),
+            channels: Default::default(),
         })
     }
 
@@ -82,6 +85,7 @@ impl Metrics {
         self.telemetry.render(&mut out);
         self.http_functions.render(&mut out);
         self.rbac.render(&mut out);
+        self.channels.render(&mut out);
         out
     }
 }

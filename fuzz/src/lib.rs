@@ -246,3 +246,35 @@ fn glob_model(pattern: &str, value: &str) -> bool {
     }
     matches[p.len()][v.len()]
 }
+
+/// The channel endpoint's request target parser, and the worker port's request-line test that
+/// routes connections to the channels executor. The first byte picks: 0..=127 the request
+/// target, else the first bytes of a connection.
+pub fn channel_request(data: &[u8]) {
+    use ringcast::channels::request::{Direction, Peeked, RequestError, PATH_PREFIX, REQUEST_LINE_PREFIX};
+    let Some((&mode, rest)) = data.split_first() else { return };
+    if mode >= 128 {
+        match fuzzing::channel_request_line(rest) {
+            Peeked::Channel => assert!(rest.starts_with(REQUEST_LINE_PREFIX)),
+            Peeked::Undecided => assert!(rest.len() < REQUEST_LINE_PREFIX.len() && REQUEST_LINE_PREFIX.starts_with(rest)),
+            Peeked::Other => assert!(!rest.starts_with(REQUEST_LINE_PREFIX) && !REQUEST_LINE_PREFIX.starts_with(rest)),
+        }
+        return;
+    }
+    let Ok(target) = std::str::from_utf8(rest) else { return };
+    match fuzzing::channel_request(target) {
+        Ok(request) => {
+            assert!(target.starts_with(PATH_PREFIX), "accepted {target:?}");
+            assert!(!request.channel_id.is_empty(), "empty channel id from {target:?}");
+            let query = target.split_once('?').map(|(_, q)| q).unwrap_or_default();
+            let dir = match request.dir {
+                Direction::Read => "dir=read",
+                Direction::Write => "dir=write",
+            };
+            assert!(query.split('&').any(|p| p == dir), "direction {:?} not in {query:?}", request.dir);
+            assert!(query.split('&').any(|p| p.starts_with("key=")), "no key in {query:?}");
+        }
+        Err(RequestError::NotFound) => {}
+        Err(e) => assert!(target.starts_with(PATH_PREFIX), "{e} for a path outside the endpoint: {target:?}"),
+    }
+}

@@ -14,6 +14,7 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("telemetry_frame", ringcast_fuzz::telemetry_frame),
     ("http_function", ringcast_fuzz::http_function),
     ("rbac_rules", ringcast_fuzz::rbac_rules),
+    ("channel_request", ringcast_fuzz::channel_request),
 ];
 
 #[test]

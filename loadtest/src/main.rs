@@ -6,6 +6,7 @@
 //! report and OS pieces (`conn`, `ws`, `caller`, `runloop`, `report`, `sys`).
 
 mod caller;
+mod channel;
 mod chaos;
 mod conn;
 mod connect;
@@ -122,6 +123,22 @@ enum Cmd {
         /// id the echo function is registered and called under
         #[arg(long, default_value = "loadtest::echo")]
         function: String,
+    },
+    /// Channel throughput (one channel, against a plain loopback TCP copy measured in the same
+    /// run) and RPC latency alone and during back-to-back channel transfers
+    Channel {
+        /// bytes per channel transfer
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// binary frame size (the SDKs send 64 KiB frames)
+        #[arg(long, default_value_t = 65536)]
+        frame: usize,
+        /// the channel's buffer_size (frames)
+        #[arg(long, default_value_t = 64)]
+        buffer_size: u64,
+        /// RPC calls in flight during the two RPC runs
+        #[arg(long, default_value_t = 1)]
+        rpc_inflight: u64,
     },
     /// Open S idle connections, report connections/s and server RSS per connection, close them
     Connect {
@@ -305,6 +322,21 @@ fn main() -> ExitCode {
                 payload: *payload,
                 rate: *rate,
                 function: function.clone(),
+            },
+        )
+        .map(|r| (r, true)),
+        Cmd::Channel {
+            bytes,
+            frame,
+            buffer_size,
+            rpc_inflight,
+        } => channel::run(
+            c,
+            channel::ChannelArgs {
+                bytes: (*bytes).max(1),
+                frame: (*frame).clamp(1, 16 << 20),
+                buffer_size: (*buffer_size).max(1),
+                rpc_inflight: (*rpc_inflight).max(1),
             },
         )
         .map(|r| (r, true)),

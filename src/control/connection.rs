@@ -70,6 +70,18 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream, listener: Rc<
     let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let addrs = stream.peer_addr().ok().zip(stream.local_addr().ok());
     let (max_message, handshake_ms) = (listener.max_message_bytes, listener.handshake_timeout_ms);
+    // Channel connections go to the channels executor before any byte of them is read.
+    let channels = engine.borrow().channels.clone();
+    if let Some(channels) = channels {
+        match crate::channels::peek_is_channel(&stream, Duration::from_millis(handshake_ms)).await {
+            Some(true) => return channels.hand_over(stream),
+            Some(false) => {}
+            None => {
+                tracing::debug!(peer = %peer, "worker-port connection closed before its request line (or sent none in {handshake_ms} ms)");
+                return;
+            }
+        }
+    }
     let mut ws_config = WebSocketConfig::default();
     ws_config.max_message_size = Some(max_message);
     ws_config.max_frame_size = Some(max_message);
@@ -91,10 +103,7 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream, listener: Rc<
             "/" => chosen.set(Some(Route::Worker)),
             "/otel" => chosen.set(Some(Route::Otel)),
             _ if path.starts_with("/ws/channels/") => {
-                return Err(refuse(
-                    StatusCode::NOT_FOUND,
-                    "Channel not found: channels are not supported by this ringcast version",
-                ))
+                return Err(refuse(StatusCode::NOT_FOUND, "Channel not found"))
             }
             _ => return Err(refuse(StatusCode::NOT_FOUND, "Not found: the worker protocol is served on /")),
         }

@@ -37,6 +37,9 @@ pub struct Engine {
     pub(super) telemetry: Option<crate::telemetry::Telemetry>,
     /// Runs HTTP-invoked functions; `None` until installed (or when `iii-http-functions` is off).
     pub(super) http_functions: Option<super::http_functions::HttpCalls>,
+    /// Where the worker port hands channel connections (`/ws/channels/…`); set by
+    /// `channels::install`, `None` in engines built without channels.
+    pub(crate) channels: Option<crate::channels::Channels>,
 }
 
 impl Engine {
@@ -55,6 +58,7 @@ impl Engine {
                 self_ref: self_ref.clone(),
                 telemetry: None,
                 http_functions: None,
+                channels: None,
             })
         })
     }
