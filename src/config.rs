@@ -75,6 +75,8 @@ pub struct EngineConfig {
     pub unsupported_workers: Vec<String>,
     /// Address of the `/metrics` and `/healthz` endpoint; `None` = off (`metrics: false`).
     pub metrics: Option<String>,
+    /// `iii-queue`: the built-in queue behind `TriggerAction.Enqueue` (defaults when absent).
+    pub queue: crate::queue::config::QueueModuleConfig,
 }
 
 /// Where `/metrics` is served unless the config says otherwise.
@@ -512,6 +514,7 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
     let mut worker_manager: Option<WorkerManagerConfig> = None;
     let mut stream: Option<StreamConfig> = None;
     let mut unsupported_workers = Vec::new();
+    let mut queue = crate::queue::config::QueueModuleConfig::default();
     for worker in raw.workers.into_iter().chain(raw.modules) {
         let config = worker.config.unwrap_or(serde_yaml::Value::Null);
         let section = format!("worker {}", worker.name);
@@ -536,6 +539,15 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
                 parsed.adapter = parse_adapter(&config, origin)?;
                 stream = Some(parsed);
             }
+            "iii-queue" => {
+                queue = decode_section(&config, &section, origin)?;
+                queue.validate().map_err(|message| ConfigError::InvalidValue {
+                    origin: origin.to_owned(),
+                    section: section.clone(),
+                    key: None,
+                    message,
+                })?;
+            }
             other => unsupported_workers.push(other.to_string()),
         }
     }
@@ -552,6 +564,7 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
         stream,
         unsupported_workers,
         metrics,
+        queue,
     })
 }
 

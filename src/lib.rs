@@ -10,6 +10,7 @@ pub mod control;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
+pub mod queue;
 pub mod shard_config;
 pub mod stream;
 

@@ -26,11 +26,17 @@ pub struct Metrics {
     pub control: ControlMetrics,
     /// Counters of each shard, by index (the shards update them).
     pub shards: AllShardMetrics,
+    /// Counters of each queue of the built-in queue (its shard updates them).
+    pub queues: Arc<ringcast_shards::queue::QueueMetrics>,
 }
 
 impl Metrics {
     pub fn new(shards: usize) -> Arc<Metrics> {
-        Arc::new(Metrics { control: ControlMetrics::default(), shards: ringcast_shards::metrics::for_shards(shards) })
+        Arc::new(Metrics {
+            control: ControlMetrics::default(),
+            shards: ringcast_shards::metrics::for_shards(shards),
+            queues: Arc::default(),
+        })
     }
 
     /// The Prometheus text exposition of every counter.
@@ -67,6 +73,7 @@ impl Metrics {
         for (i, shard) in self.shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", shard.queued_bytes.load(Ordering::Relaxed));
         }
+        self.queues.render(&mut out);
         out
     }
 }

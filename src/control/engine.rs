@@ -33,6 +33,8 @@ pub struct Engine {
     pub(super) shutting_down: bool,
     /// Lets handlers spawn tasks that come back to the engine.
     self_ref: Weak<RefCell<Engine>>,
+    /// The built-in queue, for enqueues no worker's `engine::queue::enqueue` takes.
+    pub(super) builtin_queue: Option<Rc<crate::queue::QueueService>>,
 }
 
 impl Engine {
@@ -49,6 +51,7 @@ impl Engine {
                 functions_changed_scheduled: false,
                 shutting_down: false,
                 self_ref: self_ref.clone(),
+                builtin_queue: None,
             })
         })
     }
@@ -101,6 +104,11 @@ impl Engine {
         self.shutting_down = true;
         self.fail_all_invocations();
         self.close_all_workers();
+    }
+
+    /// Makes `queue` take the enqueues that no worker's `engine::queue::enqueue` takes.
+    pub fn set_builtin_queue(&mut self, queue: Rc<crate::queue::QueueService>) {
+        self.builtin_queue = Some(queue);
     }
 
     /// Spawns `fut` on the control executor, to run after the current handler.
