@@ -138,7 +138,7 @@ class EngineProcess {
  * Resolves once TCP connects to the worker port and the stream (subscriber) port succeed.
  */
 export async function startEngine({
-  port, streamPort, shards = 1, streamConfig = {}, readyTimeoutMs = 10000,
+  port, streamPort, shards = 1, streamConfig = {}, readyTimeoutMs = 10000, extraYaml = '',
 } = {}) {
   const bin = engineBinary();
   if (!existsSync(bin)) {
@@ -159,6 +159,8 @@ export async function startEngine({
     '      host: 127.0.0.1',
     `      port: ${S}`,
     ...Object.entries(streamConfig).map(([k, v]) => `      ${k}: ${JSON.stringify(v)}`),
+    // More worker blocks after iii-stream (an iii-queue block, say), as YAML text.
+    extraYaml,
     '',
   ].join('\n'));
 
