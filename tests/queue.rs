@@ -276,10 +276,11 @@ fn enqueue_to_an_empty_queue_name_is_an_enqueue_error() {
     assert_eq!(r["error"]["code"], "enqueue_error");
 }
 
-/// The `iii-stream` block's file store in `dir`, then the queue block.
+/// The `iii-stream` block's file store in `dir` (small segments, so the crash test also crosses
+/// segment rolls and compaction of the queue store), then the queue block.
 fn durable_config(dir: &Path, durability: &str) -> String {
     format!(
-        "      adapter:\n        name: kv\n        config:\n          store_method: file_based\n          file_path: {}\n          durability: {durability}\n{}",
+        "      adapter:\n        name: kv\n        config:\n          store_method: file_based\n          file_path: {}\n          durability: {durability}\n          segment_size: 65536\n{}",
         dir.display(),
         queue_block("        crash: {concurrency: 1}\n")
     )
@@ -330,6 +331,79 @@ fn sigkill_mid_stream_loses_no_acknowledged_message_and_delivery_resumes_in_orde
         }
         last = Some(n);
         delivered.insert(n);
+        consumer.answer(&call, json!(null));
+    }
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_failed_fdatasync_answers_enqueue_error_and_nothing_is_delivered() {
+    let dir = scratch_dir();
+    // Every fdatasync fails with EIO (the test-only fault hook of the file stores).
+    let engine = Engine::start_env("metrics: false\n", "", &durable_config(&dir, "always"), &[], &[("RINGCAST_TEST_FAIL_SYNC_AFTER", "0")]);
+    let mut consumer = Worker::connect(&engine);
+    consumer.register_function("jobs::crash");
+    let mut producer = Worker::connect(&engine);
+    for _ in 0..2 {
+        let id = send_enqueue(&mut producer, "crash", "jobs::crash", json!({"n": 1}));
+        let r = producer.recv_type("invocationresult");
+        assert_eq!(r["invocation_id"], id.as_str());
+        assert_eq!(r["error"]["code"], "enqueue_error", "{r}");
+        assert!(r["error"]["message"].as_str().unwrap().contains("restart the engine"), "{r}");
+    }
+    assert!(topic(&mut producer, "crash")["depth"] == 0);
+    consumer.assert_quiet();
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn queued_and_dead_messages_follow_their_queues_to_new_shards_when_the_shard_count_changes() {
+    let dir = scratch_dir();
+    let config = |dir: &Path| {
+        let queues = "  - name: iii-queue\n    config:\n      owner_probe_ms: 50\n      default_queue: {max_retries: 1}\n";
+        format!(
+            "      adapter:\n        name: kv\n        config:\n          store_method: file_based\n          file_path: {}\n          durability: batch\n          segment_size: 65536\n{queues}",
+            dir.display()
+        )
+    };
+    let queues: Vec<String> = (0..6).map(|i| format!("q{i}")).collect();
+    let mut engine = Engine::start_with("", &config(&dir), &["--shards", "1"]);
+    let mut consumer = Worker::connect(&engine);
+    consumer.register_function("jobs::fails");
+    let mut producer = Worker::connect(&engine);
+    for (i, queue) in queues.iter().enumerate() {
+        enqueue(&mut producer, queue, "jobs::fails", json!({"q": i, "dead": true}));
+        enqueue(&mut producer, queue, "jobs::later", json!({"q": i, "dead": false}));
+    }
+    for _ in &queues {
+        let call = consumer.recv_type("invokefunction");
+        fail(&mut consumer, &call, "no");
+    }
+    for queue in &queues {
+        wait_until(Duration::from_secs(5), "the dead letter", || dead_letters(&mut producer, queue).len() == 1);
+    }
+    engine.child.kill().unwrap();
+    engine.child.wait().unwrap();
+    // Three shards now: each queue's owner holds its waiting message and its dead letter.
+    let engine = Engine::start_with("", &config(&dir), &["--shards", "3"]);
+    let mut consumer = Worker::connect(&engine);
+    for queue in &queues {
+        assert_eq!(dead_letters(&mut consumer, queue).len(), 1, "{queue}'s dead letter at its new owner");
+        assert_eq!(topic(&mut consumer, queue)["depth"], 1, "{queue}'s waiting message at its new owner");
+    }
+    consumer.register_function("jobs::fails");
+    consumer.register_function("jobs::later");
+    let mut admin = Worker::connect(&engine);
+    for queue in &queues {
+        let r = admin.call("iii::queue::redrive", json!({"queue": queue}));
+        assert_eq!(r["result"]["redriven"], 1, "{r}");
+    }
+    let mut got = BTreeSet::new();
+    while got.len() < 2 * queues.len() {
+        let call = consumer.recv_type("invokefunction");
+        assert!(got.insert((call["data"]["q"].as_u64().unwrap(), call["data"]["dead"].as_bool().unwrap())), "twice: {call}");
         consumer.answer(&call, json!(null));
     }
     drop(engine);
