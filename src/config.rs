@@ -541,6 +541,12 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
             }
             "iii-queue" => {
                 queue = decode_section(&config, &section, origin)?;
+                if queue.adapter.as_ref().is_some_and(|a| a.config.is_some()) {
+                    tracing::info!(
+                        "iii-queue: the adapter's config is accepted and ignored: ringcast keeps queued messages beside \
+                         the iii-stream store (durable when it is file_based, else in memory)"
+                    );
+                }
                 queue.validate().map_err(|message| ConfigError::InvalidValue {
                     origin: origin.to_owned(),
                     section: section.clone(),
