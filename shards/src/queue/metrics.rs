@@ -35,6 +35,11 @@ impl QueueMetrics {
         queues.entry(queue.to_owned()).or_default().clone()
     }
 
+    /// Forgets a queue's counters (the queue was retired empty).
+    pub fn remove(&self, queue: &str) {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner()).remove(queue);
+    }
+
     /// The Prometheus text of every queue's counters.
     pub fn render(&self, out: &mut String) {
         type Field = fn(&QueueCounters) -> &AtomicU64;

@@ -156,6 +156,18 @@ impl Service {
         self.queues.get_mut(name).expect("queue just ensured")
     }
 
+    /// Retires a queue that holds nothing and is not named in the config, so ad-hoc queue
+    /// names do not accumulate state (it comes back on its next enqueue).
+    fn retire_if_empty(&mut self, name: &str) {
+        if self.ctx.settings.queues.contains_key(name) || !self.queues.get(name).is_some_and(Queue::is_empty) {
+            return;
+        }
+        self.queues.remove(name);
+        self.counters.remove(name);
+        self.wakes.remove(name);
+        self.ctx.metrics.remove(name);
+    }
+
     /// Publishes a queue's counts to its metrics.
     fn note(&self, name: &str) {
         let (Some(q), Some(c)) = (self.queues.get(name), self.counters.get(name)) else { return };
@@ -186,6 +198,7 @@ impl Service {
                     }
                 };
                 self.note(&queue);
+                self.retire_if_empty(&queue);
                 let _ = reply.send(answer);
             }
             QueueMsg::DeadLetters { queue, offset, limit, reply } => {
@@ -333,6 +346,7 @@ impl Service {
         for queue in touched {
             self.pump(&queue);
             self.note(&queue);
+            self.retire_if_empty(&queue);
         }
     }
 
@@ -397,6 +411,7 @@ impl Service {
         self.bytes -= before - q.bytes();
         let _ = self.write(name, &ops);
         self.pump(name);
+        self.retire_if_empty(name);
     }
 
     /// Makes sure `queue` is pumped again at `at`.

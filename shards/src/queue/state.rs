@@ -9,6 +9,10 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+/// Most waiting messages one pump looks at (see [`Queue::next`]): with more than this many
+/// blocked at the head of a concurrent queue, the ones behind them wait too.
+pub const SCAN_LIMIT: usize = 1024;
+
 /// A write the queue's store must make.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreOp {
@@ -99,6 +103,11 @@ impl Queue {
         self.dead.len()
     }
 
+    /// Holds nothing: no waiting (or in-flight) message, no dead letter.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty() && self.dead.is_empty()
+    }
+
     /// Payload bytes held.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -151,10 +160,14 @@ impl Queue {
         let mut expired = Vec::new();
         let mut wake: Option<Instant> = None;
         let mut earliest = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        // Messages looked at and passed over: bounded, so a deep queue whose head is blocked
+        // (backoff, no worker) costs each pump O(SCAN_LIMIT), not O(depth).
+        let mut passed = 0usize;
         for (seq, w) in self.waiting.iter_mut() {
-            if self.in_flight + out.len() >= limit {
+            if self.in_flight + out.len() >= limit || passed >= SCAN_LIMIT {
                 break;
             }
+            passed += 1;
             if w.in_flight {
                 continue;
             }
@@ -199,6 +212,9 @@ impl Queue {
             });
         }
         self.in_flight += out.len();
+        if self.waiting.is_empty() {
+            self.absent.clear();
+        }
         let mut ops = Vec::new();
         for seq in expired {
             let reason = self.waiting.get(&seq).map(|w| {
@@ -473,6 +489,24 @@ mod tests {
         assert_eq!(seqs(&q.next(t1, 0, PROBE).0), [1], "one probe");
         q.settle(1, CallOutcome::Done, t1, 0, PROBE);
         assert_eq!(seqs(&q.next(t1, 0, PROBE).0), [2]);
+    }
+
+    #[test]
+    fn a_deep_blocked_head_bounds_the_scan() {
+        let mut q = Queue::new(QueueSettings::default());
+        let t0 = Instant::now();
+        for seq in 1..=(SCAN_LIMIT as u64 + 1) {
+            q.push(record(seq, "gone"), true);
+        }
+        q.push(record(5_000, "here"), true);
+        // Everything at the head waits for a worker of "gone".
+        q.absent.insert(("default".into(), "gone".into()), t0 + Duration::from_secs(60));
+        assert!(q.next(t0, 1_000, PROBE).0.is_empty(), "the message past the scan window waits");
+        for seq in 1..=(SCAN_LIMIT as u64 + 1) {
+            q.forget(seq);
+        }
+        assert_eq!(seqs(&q.next(t0, 1_000, PROBE).0), [5_000]);
+        assert!(q.absent.is_empty() || q.depth() > 0);
     }
 
     #[test]
