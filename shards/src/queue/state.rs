@@ -162,12 +162,10 @@ impl Queue {
         let mut earliest = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
         // Messages looked at and passed over: bounded, so a deep queue whose head is blocked
         // (backoff, no worker) costs each pump O(SCAN_LIMIT), not O(depth).
-        let mut passed = 0usize;
-        for (seq, w) in self.waiting.iter_mut() {
+        for (passed, (seq, w)) in self.waiting.iter_mut().enumerate() {
             if self.in_flight + out.len() >= limit || passed >= SCAN_LIMIT {
                 break;
             }
-            passed += 1;
             if w.in_flight {
                 continue;
             }
