@@ -241,6 +241,13 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         }
     }
 
+    // The built-in queue: on every shard, durable beside a file-based stream store.
+    let queue_settings = Arc::new(crate::queue::config::module_settings(&config.queue, config.stream.as_ref()));
+    ringcast_shards::queue::prepare(&queue_settings, plan.shard_cpus.len())?;
+    if queue_settings.store.is_none() {
+        tracing::debug!("built-in queue: messages are kept in memory (lost on restart); a file_based iii-stream store makes them durable");
+    }
+
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, shutdown.clone())
@@ -255,6 +262,8 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     let (shard_senders, shard_inboxes): (Vec<_>, Vec<_>) =
         (0..shard_count).map(|_| futures_channel::mpsc::unbounded()).unzip();
     let (control_requests_tx, control_requests_rx) = futures_channel::mpsc::unbounded();
+    let (queue_senders, queue_inboxes): (Vec<_>, Vec<_>) = (0..shard_count).map(|_| futures_channel::mpsc::unbounded()).unzip();
+    let (queue_calls_tx, queue_calls_rx) = futures_channel::mpsc::unbounded();
     let control_config = wm.clone();
     let control_flag = shutdown.clone();
     let control_metrics = metrics.clone();
@@ -274,6 +283,8 @@ fn start(cli: &Cli) -> Result<(), StartError> {
             engine.borrow_mut().install_http_functions(service);
         }
         crate::channels::install(&mut engine.borrow_mut(), channels);
+        crate::queue::install(&mut engine.borrow_mut(), crate::queue::QueueService::new(queue_senders));
+        glommio::spawn_local(crate::queue::serve_calls(engine.clone(), queue_calls_rx)).detach();
         if let Some((service, requests)) = streams {
             stream::functions::install(&mut engine.borrow_mut(), service);
             glommio::spawn_local(stream::functions::serve_shard_requests(engine.clone(), requests)).detach();
@@ -289,7 +300,13 @@ fn start(cli: &Cli) -> Result<(), StartError> {
 
     let mut shards = Vec::new();
     let mut stream_fds = stream_fds.into_iter();
-    for ((index, cpu), inbox) in plan.shard_cpus.iter().enumerate().zip(shard_inboxes) {
+    for (((index, cpu), inbox), queue_inbox) in plan.shard_cpus.iter().enumerate().zip(shard_inboxes).zip(queue_inboxes) {
+        let queue_ctx = ringcast_shards::queue::QueueContext {
+            index,
+            settings: queue_settings.clone(),
+            control: queue_calls_tx.clone(),
+            metrics: metrics.queues.clone(),
+        };
         let flag = shutdown.clone();
         let stream_config = shard_config.clone();
         let listener = stream_fds.next();
@@ -297,6 +314,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         let control_tx = control_requests_tx.clone();
         let metrics = metrics.clone();
         let handle = runtime::spawn_pinned(&format!("ringcast-shard-{index}"), *cpu, io_memory, spin_on(*cpu), move || async move {
+            ringcast_shards::queue::start(queue_ctx, queue_inbox)?;
             match (stream_config, listener) {
                 (Some(config), Some(listener)) => {
                     let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config, metrics: metrics.shards.clone() };

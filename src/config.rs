@@ -81,6 +81,8 @@ pub struct EngineConfig {
     /// port 49135 with an `rbac` block for browsers and other untrusted workers).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub extra_worker_managers: Vec<WorkerManagerConfig>,
+    /// `iii-queue`: the built-in queue behind `TriggerAction.Enqueue` (defaults when absent).
+    pub queue: crate::queue::config::QueueModuleConfig,
 }
 
 /// Where `/metrics` is served unless the config says otherwise.
@@ -554,6 +556,7 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
     let mut stream: Option<StreamConfig> = None;
     let mut unsupported_workers = Vec::new();
     let mut http_functions = crate::http_functions::HttpFunctionsConfig::default();
+    let mut queue = crate::queue::config::QueueModuleConfig::default();
     for worker in raw.workers.into_iter().chain(raw.modules) {
         let config = worker.config.unwrap_or(serde_yaml::Value::Null);
         let section = format!("worker {}", worker.name);
@@ -610,6 +613,21 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
                     message,
                 })?;
             }
+            "iii-queue" => {
+                queue = decode_section(&config, &section, origin)?;
+                if queue.adapter.as_ref().is_some_and(|a| a.config.is_some()) {
+                    tracing::info!(
+                        "iii-queue: the adapter's config is accepted and ignored: ringcast keeps queued messages beside \
+                         the iii-stream store (durable when it is file_based, else in memory)"
+                    );
+                }
+                queue.validate().map_err(|message| ConfigError::InvalidValue {
+                    origin: origin.to_owned(),
+                    section: section.clone(),
+                    key: None,
+                    message,
+                })?;
+            }
             other => unsupported_workers.push(other.to_string()),
         }
     }
@@ -628,6 +646,7 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
         metrics,
         http_functions,
         extra_worker_managers,
+        queue,
     })
 }
 

@@ -12,6 +12,7 @@ pub mod control;
 pub mod fuzzing;
 pub mod http_functions;
 pub mod metrics;
+pub mod queue;
 pub mod shard_config;
 pub mod stream;
 pub mod telemetry;

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub rbac: crate::control::rbac::RbacMetrics,
     /// Counters of the channels executor.
     pub channels: Arc<crate::channels::ChannelMetrics>,
+    /// Counters of each queue of the built-in queue (its shard updates them).
+    pub queues: Arc<ringcast_shards::queue::QueueMetrics>,
 }
 
 impl Metrics {
@@ -45,6 +47,7 @@ impl Metrics {
             http_functions: Arc::default(),
             rbac: Default::default(),
             channels: Default::default(),
+            queues: Arc::default(),
         })
     }
 
@@ -86,6 +89,7 @@ impl Metrics {
         self.http_functions.render(&mut out);
         self.rbac.render(&mut out);
         self.channels.render(&mut out);
+        self.queues.render(&mut out);
         out
     }
 }

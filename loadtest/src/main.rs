@@ -12,6 +12,7 @@ mod conn;
 mod connect;
 mod fanout;
 mod limit;
+mod queue;
 mod report;
 mod rpc;
 mod runloop;
@@ -139,6 +140,25 @@ enum Cmd {
         /// RPC calls in flight during the two RPC runs
         #[arg(long, default_value_t = 1)]
         rpc_inflight: u64,
+    },
+    /// Built-in queue: a producer enqueues calls (TriggerAction.Enqueue) with N in flight, a
+    /// consumer worker answers them; enqueues/s, deliveries/s, enqueue → invoke latency
+    Queue {
+        /// enqueues sent and not yet acknowledged, at most
+        #[arg(long, default_value_t = 64)]
+        inflight: u64,
+        /// approximate size of each message's data object in bytes
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// enqueues per second, 0 = as fast as the in-flight window allows
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// id the consumer function is registered under
+        #[arg(long, default_value = "loadtest::consume")]
+        function: String,
+        /// queue name (its concurrency and retries come from the engine's iii-queue config)
+        #[arg(long, default_value = "loadtest")]
+        queue: String,
     },
     /// Open S idle connections, report connections/s and server RSS per connection, close them
     Connect {
@@ -337,6 +357,17 @@ fn main() -> ExitCode {
                 frame: (*frame).clamp(1, 16 << 20),
                 buffer_size: (*buffer_size).max(1),
                 rpc_inflight: (*rpc_inflight).max(1),
+            },
+        )
+        .map(|r| (r, true)),
+        Cmd::Queue { inflight, payload, rate, function, queue } => queue::run(
+            c,
+            queue::QueueArgs {
+                inflight: (*inflight).max(1),
+                payload: *payload,
+                rate: *rate,
+                function: function.clone(),
+                queue: queue.clone(),
             },
         )
         .map(|r| (r, true)),

@@ -17,6 +17,7 @@ pub mod messages;
 pub mod metrics;
 pub mod outbound;
 pub mod owner;
+pub mod queue;
 pub mod routing;
 pub mod runtime;
 pub mod shard;

@@ -40,6 +40,8 @@ pub struct Engine {
     /// Where the worker port hands channel connections (`/ws/channels/…`); set by
     /// `channels::install`, `None` in engines built without channels.
     pub(crate) channels: Option<crate::channels::Channels>,
+    /// The built-in queue, for enqueues no worker's `engine::queue::enqueue` takes.
+    pub(super) builtin_queue: Option<Rc<crate::queue::QueueService>>,
 }
 
 impl Engine {
@@ -59,6 +61,7 @@ impl Engine {
                 telemetry: None,
                 http_functions: None,
                 channels: None,
+                builtin_queue: None,
             })
         })
     }
@@ -117,6 +120,11 @@ impl Engine {
         self.fail_all_invocations();
         self.fail_http_calls();
         self.close_all_workers();
+    }
+
+    /// Makes `queue` take the enqueues that no worker's `engine::queue::enqueue` takes.
+    pub fn set_builtin_queue(&mut self, queue: Rc<crate::queue::QueueService>) {
+        self.builtin_queue = Some(queue);
     }
 
     /// Spawns `fut` on the control executor, to run after the current handler.

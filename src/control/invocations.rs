@@ -378,6 +378,20 @@ impl Engine {
     ) {
         const PROVIDER: &str = "engine::queue::enqueue";
         if self.functions.get(DEFAULT_NS, PROVIDER).is_none() {
+            // No worker provides a queue: ringcast's own takes the message.
+            if let Some(service) = self.builtin_queue.clone() {
+                let message = ringcast_shards::queue::NewMessage {
+                    id: Uuid::new_v4().to_string(),
+                    queue,
+                    namespace: namespace.to_string(),
+                    function_id,
+                    data: crate::queue::payload_text(&data),
+                    traceparent,
+                    baggage,
+                };
+                crate::queue::enqueue(&service, self, message, reply);
+                return;
+            }
             self.complete(
                 reply,
                 Err(ErrorBody::new(

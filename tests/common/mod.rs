@@ -56,6 +56,11 @@ impl Engine {
 
     /// Like `start_with`, with `top_extra` YAML lines at the top level of the config.
     pub fn start_full(top_extra: &str, worker_extra: &str, stream_extra: &str, args: &[&str]) -> Engine {
+        Engine::start_env(top_extra, worker_extra, stream_extra, args, &[])
+    }
+
+    /// Like `start_full`, with `env` set for the engine process (test-only fault hooks).
+    pub fn start_env(top_extra: &str, worker_extra: &str, stream_extra: &str, args: &[&str], env: &[(&str, &str)]) -> Engine {
         let (worker_port, stream_port) = (free_port(), free_port());
         let dir = scratch_dir();
         let config = format!(
@@ -67,6 +72,7 @@ impl Engine {
             .arg("--config")
             .arg(&path)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", std::env::var("RINGCAST_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

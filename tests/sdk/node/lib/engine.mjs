@@ -140,7 +140,7 @@ class EngineProcess {
  * Resolves once TCP connects to the worker port and the stream (subscriber) port succeed.
  */
 export async function startEngine({
-  port, streamPort, shards = 1, streamConfig = {}, readyTimeoutMs = 10000, extraWorkersYaml = '',
+  port, streamPort, shards = 1, streamConfig = {}, readyTimeoutMs = 10000, extraWorkersYaml = '', extraYaml = '',
 } = {}) {
   const bin = engineBinary();
   if (!existsSync(bin)) {
@@ -162,6 +162,8 @@ export async function startEngine({
     `      port: ${S}`,
     ...Object.entries(streamConfig).map(([k, v]) => `      ${k}: ${JSON.stringify(v)}`),
     extraWorkersYaml,
+    // More worker blocks after iii-stream (an iii-queue block, say), as YAML text.
+    extraYaml,
     '',
   ].join('\n'));
 
