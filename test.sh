@@ -18,6 +18,7 @@ else
 fi
 
 echo "== Rust unit and integration tests =="
+bash tests/install_redis.sh  # redis-server for tests/redis.rs (the redis adapter, several nodes)
 cargo test --release --workspace
 cargo bench --no-run --workspace
 bash tests/fuzz.sh  # coverage-guided fuzzing of every parser, 10 s per target
