@@ -355,3 +355,70 @@ fn redis_restart_fails_writes_meanwhile_and_resyncs_subscribers_without_losing_a
     let held: Vec<Value> = view.sorted().into_iter().filter(|v| v["id"] != "down").collect();
     assert_eq!(held, expected, "every acknowledged write is held after the restart");
 }
+
+/// Sends one command to Redis on a connection of its own; returns the raw reply.
+fn redis_command(port: u16, args: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut out = format!("*{}\r\n", args.len());
+    for a in args {
+        out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(out.as_bytes()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn a_gap_or_junk_on_a_group_channel_sends_subscribers_a_fresh_sync() {
+    let Some(redis) = redis() else { return };
+    let (a, b) = (redis.node(), redis.node());
+    let mut writer = Worker::connect(&a);
+    writer.set("gap", "g", "x", json!({"id": "x"}));
+    let mut sub = Subscriber::connect(&b);
+    let view = View::from_sync(&sub.join_sync("s", "gap", "g", None));
+    assert_eq!(view.sorted(), [json!({"id": "x"})]);
+    // An event far ahead of the group's sequence (as if messages were lost): the node does not
+    // apply it, reads the group again and sends a fresh sync of what Redis holds.
+    let published = redis_command(redis.port, &["PUBLISH", "rc:ev:3:gap:g", "1000 1 c 5 ghost{\"id\":\"ghost\"}"]);
+    assert_eq!(published.trim(), ":1", "one node subscribes the group's channel");
+    let sync = sub.recv();
+    assert_eq!(sync["event"]["type"], "sync", "{sync}");
+    assert_eq!(sync["event"]["data"], json!([{"id": "x"}]));
+    // Junk too.
+    redis_command(redis.port, &["PUBLISH", "rc:ev:3:gap:g", "not an event"]);
+    assert_eq!(sub.recv()["event"]["type"], "sync");
+    // Events go on from the real sequence afterwards.
+    writer.set("gap", "g", "y", json!({"id": "y"}));
+    let frame = sub.recv();
+    assert_eq!((frame["event"]["type"].as_str(), frame["id"].as_str()), (Some("create"), Some("y")), "{frame}");
+    // The last subscriber leaving unsubscribes the channel.
+    drop(sub);
+    wait_until(Duration::from_secs(5), "the channel to lose its subscriber", || redis_command(redis.port, &["PUBLISH", "rc:ev:3:gap:g", "x"]).trim() == ":0");
+}
+
+#[test]
+fn pipelined_calls_share_socket_writes_to_redis() {
+    let Some(redis) = redis() else { return };
+    let metrics_port = free_port();
+    let node = Engine::start_full(&format!("metrics: 127.0.0.1:{metrics_port}\n"), "", &adapter(&redis.url()), &["--shards", "1"]);
+    let mut worker = Worker::connect(&node);
+    let calls = 400;
+    for n in 0..calls {
+        worker.send(json!({"type": "invokefunction", "invocation_id": uuid(), "function_id": "stream::set",
+            "data": set_input("p", &format!("g{}", n % 16), &format!("i{n}"), json!(n))}));
+    }
+    for _ in 0..calls {
+        let result = worker.recv_type("invocationresult");
+        assert!(result.get("error").is_none(), "{result}");
+    }
+    let text = http_get(metrics_port, "/metrics", Duration::from_secs(2)).unwrap();
+    let total = |name: &str| -> u64 {
+        text.lines().filter(|l| l.starts_with(name) && !l.starts_with('#')).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+    };
+    let (commands, writes) = (total("ringcast_redis_commands_total"), total("ringcast_redis_writes_total"));
+    assert!(commands >= calls, "{text}");
+    assert!(commands >= 2 * writes, "expected several commands per write under load: {commands} commands in {writes} writes");
+}

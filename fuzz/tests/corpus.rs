@@ -11,6 +11,8 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("update_ops", ringcast_fuzz::update_ops),
     ("config", ringcast_fuzz::config),
     ("store_recovery", ringcast_fuzz::store_recovery),
+    ("redis_reply", ringcast_fuzz::redis_reply),
+    ("redis_message", ringcast_fuzz::redis_message),
 ];
 
 #[test]

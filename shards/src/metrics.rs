@@ -27,6 +27,10 @@ pub struct ShardMetrics {
     /// `redis` adapter: fresh `sync` frames sent to a group's subscribers after a gap or a lost
     /// pub/sub connection (one per group and resync).
     pub redis_resyncs_total: AtomicU64,
+    /// `redis` adapter: commands sent on the shard's connections.
+    pub redis_commands_total: AtomicU64,
+    /// `redis` adapter: socket writes that carried them (commands per write = pipelining).
+    pub redis_writes_total: AtomicU64,
 }
 
 /// The counters of every shard, by index (a shard adds to a peer's `queued_bytes` when it sends

@@ -104,6 +104,11 @@ impl RedisBackend {
     pub fn start(url: &RedisUrl, addr: SocketAddr, shard: Weak<RefCell<Shard>>, max_value_bytes: usize) -> RedisBackend {
         let cmd = Client::commands(url.clone(), addr, "commands");
         let pubsub = Client::pubsub(url.clone(), addr, "pub/sub");
+        if let Some(s) = shard.upgrade() {
+            let s = s.borrow();
+            cmd.set_metrics(s.ctx.metrics.clone(), s.ctx.index);
+            pubsub.set_metrics(s.ctx.metrics.clone(), s.ctx.index);
+        }
         let on_event = shard.clone();
         pubsub.set_on_event(Rc::new(move |event| {
             if let Some(shard) = on_event.upgrade() {
@@ -714,13 +719,10 @@ impl Shard {
         }
         if event.seq != group.last + 1 {
             tracing::warn!(stream = %key.0, group = %key.1, expected = group.last + 1, got = event.seq, "redis: gap in the group's events; subscribers get a fresh sync");
+            // The snapshot read from now on holds this event's effect (it was published before
+            // the read), so the event itself is not kept.
             group.resync = true;
-            self.redis_snapshot_start(key.clone());
-            if let Some(group) = self.redis.as_deref_mut().and_then(|b| b.groups.get_mut(key)) {
-                group.buffered_bytes += payload.len();
-                group.buffer.push_back(payload);
-            }
-            return;
+            return self.redis_snapshot_start(key.clone());
         }
         group.last = event.seq;
         let (stream, name) = (key.0.as_str(), key.1.as_str());

@@ -108,6 +108,8 @@ pub struct Client {
     shas: RefCell<Vec<String>>,
     /// Set once the client is dropped by its owner: the loop ends.
     stopped: Cell<bool>,
+    /// Counters of the shard it serves (commands, writes), when set.
+    metrics: RefCell<Option<(crate::metrics::AllShardMetrics, usize)>>,
 }
 
 impl Client {
@@ -132,12 +134,26 @@ impl Client {
             state: RefCell::new(State { live: false, out: Vec::new(), pending: VecDeque::new(), writer: None, progress: Instant::now() }),
             shas: RefCell::new(Vec::new()),
             stopped: Cell::new(false),
+            metrics: RefCell::new(None),
         })
     }
 
     /// Sets what a command connection calls after each (re)connect.
     pub fn set_on_connect(&self, handler: ConnectHandler) {
         *self.on_connect.borrow_mut() = Some(handler);
+    }
+
+    /// Counts its commands and writes in shard `index`'s counters.
+    pub fn set_metrics(&self, metrics: crate::metrics::AllShardMetrics, index: usize) {
+        *self.metrics.borrow_mut() = Some((metrics, index));
+    }
+
+    fn count(&self, field: fn(&crate::metrics::ShardMetrics) -> &std::sync::atomic::AtomicU64) {
+        if let Some((metrics, index)) = &*self.metrics.borrow() {
+            if let Some(m) = metrics.get(*index) {
+                field(m).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     }
 
     /// Sets where a pub/sub connection reports its events.
@@ -190,6 +206,7 @@ impl Client {
         }
         resp::encode_command(&mut state.out, args);
         state.pending.push_back(callback);
+        self.count(|m| &m.redis_commands_total);
         if let Some(w) = state.writer.take() {
             w.wake();
         }
@@ -433,6 +450,7 @@ async fn serve(client: &Rc<Client>, socket: &Socket, buf: Vec<u8>) -> String {
             if client.stopped.get() {
                 return "stopped".to_string();
             }
+            client.count(|m| &m.redis_writes_total);
             if let Err(e) = write_all(socket, &spare).await {
                 return format!("write failed: {e}");
             }
