@@ -81,6 +81,10 @@ struct GroupSync {
     resync: bool,
 }
 
+/// A reply sender shared by a command's callback and the code that sends it (whichever runs
+/// takes it), and the error for the latter when the command could not be sent.
+type Unsent = (Rc<RefCell<Option<oneshot::Sender<GroupOpReply>>>>, &'static str, String);
+
 /// An update waiting behind another of the same item.
 type QueuedUpdate = (Vec<UpdateOp>, oneshot::Sender<GroupOpReply>);
 
@@ -344,7 +348,7 @@ impl Shard {
         result: Option<Value>,
         frame: Bytes,
         code: &'static str,
-    ) -> Result<(), (Rc<RefCell<Option<oneshot::Sender<GroupOpReply>>>>, &'static str, String)> {
+    ) -> Result<(), Unsent> {
         let reply_cell = Rc::new(RefCell::new(Some(reply)));
         let on_fail = reply_cell.clone();
         let sent = cmd.eval(Script::Publish, &[seq], &[channel, tail], Box::new(move |r| {

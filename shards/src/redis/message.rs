@@ -136,6 +136,7 @@ pub fn change_tail(timestamp: u64, kind: Kind, item: Option<&str>, data: &str) -
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
