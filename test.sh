@@ -22,6 +22,7 @@ bash tests/install_redis.sh  # redis-server for tests/redis.rs (the redis adapte
 cargo test --release --workspace
 cargo bench --no-run --workspace
 bash tests/fuzz.sh  # coverage-guided fuzzing of every parser, 10 s per target
+bash tests/multinode.sh  # two nodes and Redis in network namespaces (skips without root)
 
 export RINGCAST_BIN="$PWD/target/release/ringcast"
 

@@ -422,3 +422,105 @@ fn pipelined_calls_share_socket_writes_to_redis() {
     assert!(commands >= calls, "{text}");
     assert!(commands >= 2 * writes, "expected several commands per write under load: {commands} commands in {writes} writes");
 }
+
+/// A subscriber of a node known only by its stream address (`host:port`).
+fn subscriber_at(addr: &str) -> Subscriber {
+    let (ws, _) = tungstenite::connect(format!("ws://{addr}/")).expect("connect to stream port");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(FRAME_WAIT)).unwrap();
+    }
+    Subscriber { ws }
+}
+
+fn shell(command: &str) {
+    let status = Command::new("sh").arg("-c").arg(command).status().expect("run sh");
+    assert!(status.success(), "{command} failed");
+}
+
+/// Two nodes and Redis, each in a network namespace of its own, joined by veth pairs with
+/// netem latency (set up by tests/multinode.sh, which passes the addresses and the commands
+/// that cut and heal node A's link to Redis).
+#[test]
+#[ignore = "run by tests/multinode.sh (needs root for network namespaces)"]
+fn multinode_across_network_namespaces() {
+    let env = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set by tests/multinode.sh"));
+    let (a_worker, a_stream, b_worker, b_stream) = (env("RC_MN_A_WORKER"), env("RC_MN_A_STREAM"), env("RC_MN_B_WORKER"), env("RC_MN_B_STREAM"));
+    let mut writer = Worker::connect_url(&a_worker);
+    let mut b_writer = Worker::connect_url(&b_worker);
+
+    // A set through A reaches B's subscribers in order.
+    let mut sub_b = subscriber_at(&b_stream);
+    sub_b.join_sync("s", "mn", "g", None);
+    for n in 0..100 {
+        writer.set("mn", "g", &format!("i{n}"), json!({"id": format!("i{n}"), "n": n}));
+    }
+    for n in 0..100 {
+        let frame = sub_b.recv();
+        assert_eq!(frame["id"], format!("i{n}"), "{frame}");
+    }
+
+    // Joins on B while A writes: nothing missed, nothing twice.
+    let url = a_worker.clone();
+    let load = std::thread::spawn(move || {
+        let mut w = Worker::connect_url(&url);
+        for n in 0..300 {
+            let item = format!("j{}", n % 20);
+            w.set("mn", "live", &item, json!({"id": item, "n": n}));
+        }
+    });
+    let mut joined = Vec::new();
+    for k in 0..3 {
+        std::thread::sleep(Duration::from_millis(30 * k));
+        let mut sub = subscriber_at(&b_stream);
+        let view = View::from_sync(&sub.join_sync("s", "mn", "live", None));
+        joined.push((sub, view));
+    }
+    load.join().unwrap();
+    writer.set("mn", "live", "end", json!({"id": "end"}));
+    let expected = sorted(writer.ok("stream::list", json!({"stream_name": "mn", "group_id": "live"})).as_array().unwrap().clone());
+    for (sub, view) in &mut joined {
+        loop {
+            let frame = sub.recv();
+            view.apply(&frame);
+            if frame["id"] == "end" {
+                break;
+            }
+        }
+        assert_eq!(view.sorted(), expected);
+    }
+
+    // A loses its link to Redis: its writes fail, B keeps working, A's subscribers stay.
+    let mut sub_a = subscriber_at(&a_stream);
+    sub_a.join_sync("s", "mn", "cut", None);
+    shell(&env("RC_MN_CUT_A"));
+    let mut slow_writer = Worker::connect_url(&a_worker);
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = slow_writer.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    }
+    let result = slow_writer.call("stream::set", set_input("mn", "cut", "during", json!({"id": "during"})));
+    assert_eq!(result["error"]["code"], "STREAM_SET_ERROR", "a write through the cut-off node fails: {result}");
+    b_writer.set("mn", "cut", "from-b", json!({"id": "from-b"}));
+    shell(&env("RC_MN_HEAL_A"));
+    // Back: A's subscriber, still connected, gets B's write from the cut — as its event when
+    // A's pub/sub connection survived the cut, or in a fresh sync when it had to reconnect.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "A's subscriber never got B's write after the link came back");
+        match sub_a.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                let frame: Value = serde_json::from_str(&t).unwrap();
+                let event = &frame["event"];
+                let synced = event["type"] == "sync" && event["data"].as_array().is_some_and(|d| d.iter().any(|v| v["id"] == "from-b"));
+                if synced || (event["type"] == "create" && frame["id"] == "from-b") {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("A's subscriber lost its connection: {e}"),
+        }
+    }
+    wait_until(Duration::from_secs(20), "writes through A to succeed again", || {
+        slow_writer.call("stream::set", set_input("mn", "cut", "after", json!({"id": "after"}))).get("error").is_none()
+    });
+}

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Commands waiting this long with no reply at all end the connection (a server that vanished
 /// without RST); their callers get `Lost`.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bytes of commands that may wait to be written; past it commands fail with `Overloaded`.
 pub const MAX_OUTPUT_BYTES: usize = 64 << 20;
 /// Commands that may wait for their replies on one connection.
@@ -483,7 +483,8 @@ async fn serve(client: &Rc<Client>, socket: &Socket, buf: Vec<u8>) -> String {
             }
             match read_some(socket, &mut buf).await {
                 Ok(0) => return "closed by the server".to_string(),
-                Ok(_) => {}
+                // Bytes of a long reply still arriving are progress too.
+                Ok(_) => client.state.borrow_mut().progress = Instant::now(),
                 Err(e) => return format!("read failed: {e}"),
             }
             if buf.capacity() > READ_CHUNK * 16 && buf.len() < READ_CHUNK {
