@@ -524,3 +524,42 @@ fn multinode_across_network_namespaces() {
         slow_writer.call("stream::set", set_input("mn", "cut", "after", json!({"id": "after"}))).get("error").is_none()
     });
 }
+
+#[test]
+fn a_node_that_falls_behind_is_cut_off_by_redis_and_resyncs_its_subscribers() {
+    let Some(redis) = redis() else { return };
+    let (a, b) = (redis.node(), redis.node());
+    // Redis' own bound on what waits for a pub/sub client: 64 KiB.
+    let reply = redis_command(redis.port, &["CONFIG", "SET", "client-output-buffer-limit", "pubsub 65536 32768 1"]);
+    assert!(reply.starts_with("+OK"), "{reply}");
+    let mut writer = Worker::connect(&a);
+    let mut sub = Subscriber::connect(&b);
+    let mut view = View::from_sync(&sub.join_sync("s", "behind", "g", None));
+    // Node B stops reading (its process is stopped) while A writes ~10 MiB of events (more than
+    // the kernel's socket buffers hold).
+    let pubsub_clients = || redis_command(redis.port, &["CLIENT", "LIST", "TYPE", "pubsub"]).lines().filter(|l| l.contains("id=")).count();
+    let before = pubsub_clients();
+    // SAFETY: kill(2) on a child process of this test.
+    unsafe { libc::kill(b.child.id() as i32, libc::SIGSTOP) };
+    let filler = "x".repeat(16 * 1024);
+    for n in 0..600 {
+        writer.set("behind", "g", &format!("i{}", n % 100), json!({"id": format!("i{}", n % 100), "n": n, "pad": filler}));
+    }
+    wait_until(Duration::from_secs(10), "Redis to cut off the stopped node's pub/sub connection", || pubsub_clients() < before);
+    unsafe { libc::kill(b.child.id() as i32, libc::SIGCONT) };
+    // B reconnects and sends its subscriber a fresh sync; its view then matches Redis.
+    writer.set("behind", "g", "end", json!({"id": "end"}));
+    let mut synced = false;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(Instant::now() < deadline, "the subscriber never caught up");
+        let frame = sub.recv();
+        synced |= frame["event"]["type"] == "sync";
+        view.apply(&frame);
+        if synced && view.items.iter().any(|(id, _)| id == "end") {
+            break;
+        }
+    }
+    let expected = sorted(writer.ok("stream::list", json!({"stream_name": "behind", "group_id": "g"})).as_array().unwrap().clone());
+    assert_eq!(view.sorted(), expected);
+}
