@@ -18,9 +18,11 @@ else
 fi
 
 echo "== Rust unit and integration tests =="
+bash tests/install_redis.sh  # redis-server for tests/redis.rs (the redis adapter, several nodes)
 cargo test --release --workspace
 cargo bench --no-run --workspace
 bash tests/fuzz.sh  # coverage-guided fuzzing of every parser, 10 s per target
+bash tests/multinode.sh  # two nodes and Redis in network namespaces (skips without root)
 
 export RINGCAST_BIN="$PWD/target/release/ringcast"
 

@@ -46,6 +46,9 @@ enum StartError {
     Watcher(std::io::Error),
     #[error(transparent)]
     Channels(#[from] crate::channels::StartError),
+    /// The `redis` adapter's server does not answer at start-up.
+    #[error("iii-stream: adapter redis: cannot reach redis at {address} ({why}); start Redis or fix redis_url")]
+    Redis { address: String, why: String },
 }
 
 /// `ringcast check-config PATH`.
@@ -212,6 +215,16 @@ fn start(cli: &Cli) -> Result<(), StartError> {
                 crate::metrics::serve(listener, metrics.clone());
             }
             Err(e) => tracing::warn!("metrics endpoint {addr} not available ({e}); running without it (set `metrics:` in the config)"),
+        }
+    }
+
+    // Before any port is bound: an unreachable Redis is a start-up failure, not a running
+    // engine whose every stream call fails.
+    if let Some(redis) = config.stream.as_ref().and_then(|s| s.redis()) {
+        if let Ok(url) = ringcast_shards::redis::RedisUrl::parse(&redis.redis_url) {
+            ringcast_shards::redis::client::check_reachable(&url, ringcast_shards::redis::client::CONNECT_TIMEOUT)
+                .map_err(|why| StartError::Redis { address: url.address(), why })?;
+            tracing::info!("iii-stream: adapter redis at {}", url.address());
         }
     }
 

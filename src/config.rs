@@ -49,8 +49,8 @@ pub enum ConfigError {
     /// A key of the reference's `iii-worker-manager` that ringcast deliberately lacks.
     #[error("{origin}: iii-worker-manager.{key} is not supported by ringcast; remove it")]
     UnsupportedKey { origin: String, key: &'static str },
-    /// An `iii-stream` adapter other than `kv`.
-    #[error("{origin}: iii-stream: adapter {name:?} is not available in this build of ringcast (available: kv)")]
+    /// An `iii-stream` adapter other than `kv` and `redis`.
+    #[error("{origin}: iii-stream: adapter {name:?} is not available in this build of ringcast (available: kv, redis)")]
     UnknownAdapter { origin: String, name: String },
     /// `metrics:` that is neither a boolean nor an address (`found`, as parsed).
     #[error("{origin}: metrics must be false or \"host:port\", not {found}")]
@@ -284,6 +284,21 @@ pub enum StoreMethod {
 pub enum Adapter {
     /// `name: kv`: in memory or the file store.
     Kv(KvConfig),
+    /// `name: redis`: items and cross-node events in Redis, for several nodes.
+    Redis(RedisConfig),
+}
+
+/// Settings of the `redis` adapter (`adapter: {name: redis, config: {redis_url: …}}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[[user]:password@]host[:port][/db]`.
+    #[serde(default = "default_redis_url")]
+    pub redis_url: String,
+}
+
+fn default_redis_url() -> String {
+    "redis://localhost:6379".into()
 }
 
 impl Default for Adapter {
@@ -381,9 +396,21 @@ fn default_compaction_threshold() -> f64 {
 
 impl StreamConfig {
     /// The `kv` adapter settings (the defaults when the file configures no adapter).
+    /// The `kv` adapter settings (the defaults when the file configures no adapter, or another
+    /// adapter).
     pub fn kv(&self) -> &KvConfig {
+        static DEFAULT_KV: std::sync::OnceLock<KvConfig> = std::sync::OnceLock::new();
         match &self.adapter {
             Adapter::Kv(kv) => kv,
+            Adapter::Redis(_) => DEFAULT_KV.get_or_init(KvConfig::default),
+        }
+    }
+
+    /// The `redis` adapter settings, when it is the one configured.
+    pub fn redis(&self) -> Option<&RedisConfig> {
+        match &self.adapter {
+            Adapter::Redis(redis) => Some(redis),
+            Adapter::Kv(_) => None,
         }
     }
 }
@@ -411,6 +438,9 @@ fn parse_adapter(stream_block: &serde_yaml::Value, origin: &str) -> Result<Adapt
         return Ok(Adapter::default());
     };
     let name = adapter.get("name").and_then(serde_yaml::Value::as_str).unwrap_or_default();
+    if name == "redis" {
+        return parse_redis_adapter(adapter, origin);
+    }
     if name != "kv" {
         return Err(ConfigError::UnknownAdapter { origin: origin.to_owned(), name: name.to_owned() });
     }
@@ -429,6 +459,23 @@ fn parse_adapter(stream_block: &serde_yaml::Value, origin: &str) -> Result<Adapt
         message,
     })?;
     Ok(Adapter::Kv(kv))
+}
+
+/// Reads `adapter: {name: redis, config: {redis_url}}`; the URL is checked here, so a bad one
+/// is a config error naming the key.
+fn parse_redis_adapter(adapter: &serde_yaml::Value, origin: &str) -> Result<Adapter, ConfigError> {
+    let section = "iii-stream: adapter redis";
+    let redis: RedisConfig = match adapter.get("config") {
+        None | Some(serde_yaml::Value::Null) => RedisConfig { redis_url: default_redis_url() },
+        Some(block) => decode_section(block, section, origin)?,
+    };
+    ringcast_shards::redis::RedisUrl::parse(&redis.redis_url).map_err(|e| ConfigError::InvalidValue {
+        origin: origin.to_owned(),
+        section: section.to_owned(),
+        key: Some("redis_url".to_owned()),
+        message: e.to_string(),
+    })?;
+    Ok(Adapter::Redis(redis))
 }
 
 fn default_worker_host() -> String {
@@ -869,7 +916,7 @@ mod tests {
         let kv = stream.kv();
         assert_eq!((kv.store_method, kv.durability), (StoreMethod::FileBased, Durability::Always));
         assert!(parse(&text.replace("always", "sometimes"), "t").is_err());
-        assert!(parse(&text.replace("name: kv", "name: redis"), "t").unwrap_err().to_string().contains("not available"));
+        assert!(parse(&text.replace("name: kv", "name: bridge"), "t").unwrap_err().to_string().contains("not available"));
         let defaults = StreamConfig::default();
         let defaults = defaults.kv();
         assert_eq!((defaults.store_method, defaults.durability, defaults.batch_max_delay_us), (StoreMethod::InMemory, Durability::Batch, 1000));
@@ -958,12 +1005,26 @@ mod tests {
     }
 
     #[test]
+    fn redis_adapter_in_the_iii_form_with_env_defaults() {
+        let text = "workers:\n  - name: iii-stream\n    config:\n      adapter:\n        name: redis\n        config:\n          redis_url: ${RC_TEST_UNSET_REDIS_URL:redis://localhost:6379}\n";
+        let stream = parse(text, "t").unwrap().stream.unwrap();
+        assert_eq!(stream.redis().map(|r| r.redis_url.as_str()), Some("redis://localhost:6379"));
+        let bare = parse("workers:\n  - name: iii-stream\n    config:\n      adapter: {name: redis}\n", "t").unwrap().stream.unwrap();
+        assert_eq!(bare.redis().map(|r| r.redis_url.as_str()), Some("redis://localhost:6379"));
+        // The reference schema's stale key `url` is refused, as there.
+        let err = parse(&text.replace("redis_url:", "url:"), "t").unwrap_err();
+        assert!(matches!(&err, ConfigError::UnknownKey { key, .. } if key == "url"), "{err:?}");
+        let err = parse(&text.replace("redis://localhost:6379", "localhost:6379"), "t").unwrap_err();
+        assert!(matches!(&err, ConfigError::InvalidValue { key: Some(key), .. } if key == "redis_url"), "{err:?}");
+    }
+
+    #[test]
     fn unknown_kv_key_and_unknown_adapter_are_typed() {
         let err = parse(&with_kv("{segmnt_size: 1}"), "t").unwrap_err();
         assert!(matches!(&err, ConfigError::UnknownKey { key, .. } if key == "segmnt_size"), "{err:?}");
         assert!(err.to_string().starts_with("t: iii-stream: adapter kv: unknown field `segmnt_size`, expected one of"), "{err}");
-        let err = parse(&with_kv("{}").replace("name: kv", "name: redis"), "t").unwrap_err();
-        assert!(matches!(&err, ConfigError::UnknownAdapter { name, .. } if name == "redis"), "{err:?}");
+        let err = parse(&with_kv("{}").replace("name: kv", "name: bridge"), "t").unwrap_err();
+        assert!(matches!(&err, ConfigError::UnknownAdapter { name, .. } if name == "bridge"), "{err:?}");
         // The adapter block's own layout is checked with the stream block.
         let err = parse("workers:\n  - name: iii-stream\n    config:\n      adapter: {nme: kv}\n", "t").unwrap_err();
         assert!(matches!(&err, ConfigError::UnknownKey { key, .. } if key == "nme"), "{err:?}");

@@ -66,13 +66,18 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
         }
-        let per_shard: [(&str, &str, &str, ShardField); 6] = [
+        let per_shard: [(&str, &str, &str, ShardField); 11] = [
             ("ringcast_subscribers", "Subscriber connections", "gauge", |s| &s.subscribers),
             ("ringcast_subscriptions", "Active subscriptions", "gauge", |s| &s.subscriptions),
             ("ringcast_events_total", "Events published by owned groups", "counter", |s| &s.events_total),
             ("ringcast_deliveries_total", "Frames queued to subscribers", "counter", |s| &s.deliveries_total),
             ("ringcast_slow_subscriber_closes_total", "Subscribers closed by the slow-subscriber policy", "counter", |s| &s.slow_subscriber_closes_total),
             ("ringcast_store_bytes", "Bytes of stored item values", "gauge", |s| &s.store_bytes),
+            ("ringcast_redis_commands_total", "Commands sent to Redis (redis adapter)", "counter", |s| &s.redis_commands_total),
+            ("ringcast_redis_writes_total", "Socket writes carrying them; commands per write is the pipelining", "counter", |s| &s.redis_writes_total),
+            ("ringcast_redis_errors_total", "Redis commands that failed or could not be sent", "counter", |s| &s.redis_errors_total),
+            ("ringcast_redis_events_received_total", "Events received on Redis group channels", "counter", |s| &s.redis_events_received_total),
+            ("ringcast_redis_resyncs_total", "Fresh syncs sent to a group's subscribers after a gap or a lost Redis connection", "counter", |s| &s.redis_resyncs_total),
         ];
         for (name, help, kind, field) in per_shard {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

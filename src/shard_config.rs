@@ -14,9 +14,12 @@ fn millis_or_off(ms: u64) -> Option<Duration> {
 /// The shard configuration the `iii-stream` section describes (its `kv` adapter included).
 pub fn shard_config(stream: &StreamConfig) -> ShardConfig {
     let kv = stream.kv();
-    let location = match kv.store_method {
-        StoreMethod::InMemory => StoreLocation::Memory,
-        StoreMethod::FileBased => StoreLocation::File {
+    let redis = stream.redis().and_then(|r| ringcast_shards::redis::RedisUrl::parse(&r.redis_url).ok());
+    let location = match (&redis, kv.store_method) {
+        // The URL was checked when the config was parsed.
+        (Some(url), _) => StoreLocation::Redis { url: url.clone() },
+        (None, StoreMethod::InMemory) => StoreLocation::Memory,
+        (None, StoreMethod::FileBased) => StoreLocation::File {
             root: PathBuf::from(&kv.file_path),
             segment_size: kv.segment_size,
             compaction_threshold: kv.compaction_threshold,
@@ -24,6 +27,7 @@ pub fn shard_config(stream: &StreamConfig) -> ShardConfig {
     };
     // Only a file store waits for the disk; `durability` does nothing in memory.
     let commit = match (kv.store_method, kv.durability) {
+        _ if redis.is_some() => CommitMode::Immediate,
         (StoreMethod::InMemory, _) | (_, Durability::None) => CommitMode::Immediate,
         (StoreMethod::FileBased, Durability::Always) => CommitMode::Group { gather: Duration::ZERO },
         (StoreMethod::FileBased, Durability::Batch) => CommitMode::Group { gather: Duration::from_micros(kv.batch_max_delay_us) },

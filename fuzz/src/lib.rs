@@ -225,6 +225,19 @@ pub fn rbac_rules(data: &[u8]) {
     for namespace in ["default", "other"] {
         if let Some((_, round_trips)) = fuzzing::rbac_rule(rule.as_bytes(), &value, namespace, Some(&metadata)) {
             assert!(round_trips, "rule {rule:?} does not read back as itself");
+}
+
+/// A reply from Redis (the `redis` adapter's RESP2 parser): never panics; a reply parsed from
+/// the whole input is reported incomplete — never as an error or another reply — at every
+/// shorter cut, as the client sees it while bytes arrive.
+pub fn redis_reply(data: &[u8]) {
+    use ringcast_shards::redis::resp::{parse, Parsed};
+    if let Ok(Parsed::Reply(_, used)) = parse(data) {
+        assert!(used <= data.len());
+        let step = (used / 64).max(1);
+        for cut in (0..used).step_by(step) {
+            let prefix = data.get(..cut).unwrap_or_default();
+            assert!(matches!(parse(prefix), Ok(Parsed::Incomplete(_))), "a cut at {cut} of a {used}-byte reply was not incomplete");
         }
     }
 }
@@ -276,5 +289,11 @@ pub fn channel_request(data: &[u8]) {
         }
         Err(RequestError::NotFound) => {}
         Err(e) => assert!(target.starts_with(PATH_PREFIX), "{e} for a path outside the endpoint: {target:?}"),
+/// An event message on a group channel (published by any Redis client): never panics, and what
+/// it reads lies within the message.
+pub fn redis_message(data: &[u8]) {
+    if let Ok(event) = ringcast_shards::redis::message::parse(data) {
+        assert!(!event.data.is_empty());
+        assert!(event.data.len() + event.item.map_or(0, str::len) < data.len());
     }
 }

@@ -15,6 +15,8 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("http_function", ringcast_fuzz::http_function),
     ("rbac_rules", ringcast_fuzz::rbac_rules),
     ("channel_request", ringcast_fuzz::channel_request),
+    ("redis_reply", ringcast_fuzz::redis_reply),
+    ("redis_message", ringcast_fuzz::redis_message),
 ];
 
 #[test]

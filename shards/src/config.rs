@@ -65,6 +65,9 @@ pub enum StoreLocation {
     Memory,
     /// The file store: one directory per shard (`shard-<index>`) under `root`.
     File { root: PathBuf, segment_size: u64, compaction_threshold: f64 },
+    /// The `redis` adapter: items in Redis at `url`, shared with other nodes; the shard's memory
+    /// store mirrors only the groups it has subscribers of.
+    Redis { url: crate::redis::RedisUrl },
 }
 
 /// When a write is acknowledged (and its event published).

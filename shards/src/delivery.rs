@@ -74,6 +74,37 @@ impl Delivery {
         slow
     }
 
+    /// Queues `frame` only for the subscriptions of `key` whose item is exactly `item` (`None`:
+    /// the group subscriptions); returns the connections it would overflow.
+    pub fn deliver_exact(&mut self, table: &SubscriberTable, key: &GroupKey, item: Option<&str>, frame: &Bytes, counters: &ShardMetrics) -> Vec<SubscriberConnId> {
+        let mut slow = Vec::new();
+        let mut delivered = 0;
+        for sub in table.subscribers_of(key) {
+            if sub.item.as_deref() != item {
+                continue;
+            }
+            if let Some(conn) = table.get(sub.conn) {
+                match conn.queue.push_quiet(frame.clone()) {
+                    (Push::Queued, first) => {
+                        delivered += 1;
+                        if first {
+                            self.unflushed.push(sub.conn);
+                        }
+                    }
+                    (Push::Overflow, _) => slow.push(sub.conn),
+                    (Push::Closed, _) => {}
+                }
+            }
+        }
+        counters.deliveries_total.fetch_add(delivered, Ordering::Relaxed);
+        if delivered > 0 {
+            if let Some(flusher) = self.flusher.take() {
+                flusher.wake();
+            }
+        }
+        slow
+    }
+
     /// For the flusher: swaps the connections to flush into `batch`, or parks until there are.
     pub fn poll_unflushed(&mut self, cx: &mut Context<'_>, batch: &mut Vec<SubscriberConnId>) -> Poll<()> {
         if self.unflushed.is_empty() {

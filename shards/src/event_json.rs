@@ -16,8 +16,13 @@ fn push_json_str(out: &mut String, s: &str) {
 /// `{"type":"stream","timestamp":…,"streamName":…,"groupId":…,"id":…,"event":` … `}` around
 /// `event_body`, which must be the JSON object of the event.
 fn envelope(stream: &str, group: &str, item: Option<&str>, event_body: &str) -> String {
+    envelope_at(unix_time_ms(), stream, group, item, event_body)
+}
+
+/// `envelope` with a given timestamp (events that another node, through Redis, stamped).
+fn envelope_at(timestamp: u64, stream: &str, group: &str, item: Option<&str>, event_body: &str) -> String {
     let mut out = String::with_capacity(96 + stream.len() + group.len() + event_body.len());
-    let _ = write!(out, "{{\"type\":\"stream\",\"timestamp\":{},\"streamName\":", unix_time_ms());
+    let _ = write!(out, "{{\"type\":\"stream\",\"timestamp\":{timestamp},\"streamName\":");
     push_json_str(&mut out, stream);
     out.push_str(",\"groupId\":");
     push_json_str(&mut out, group);
@@ -37,6 +42,11 @@ pub fn data_event(stream: &str, group: &str, item: Option<&str>, kind: &str, dat
     envelope(stream, group, item, &format!("{{\"type\":\"{kind}\",\"data\":{data}}}"))
 }
 
+/// `data_event` stamped `timestamp` (ms since the epoch).
+pub fn data_event_at(timestamp: u64, stream: &str, group: &str, item: Option<&str>, kind: &str, data: &str) -> String {
+    envelope_at(timestamp, stream, group, item, &format!("{{\"type\":\"{kind}\",\"data\":{data}}}"))
+}
+
 /// The `sync` snapshot of a group: an array of the item values in order.
 pub fn group_sync(stream: &str, group: &str, values: &[impl AsRef<str>]) -> String {
     let mut data = String::with_capacity(2 + values.iter().map(|v| v.as_ref().len() + 1).sum::<usize>());
@@ -53,12 +63,17 @@ pub fn group_sync(stream: &str, group: &str, values: &[impl AsRef<str>]) -> Stri
 
 /// A custom `stream::send` event: `{"type":"event","event":{"type":…,"data":…}}`.
 pub fn custom_event(stream: &str, group: &str, item: Option<&str>, event_type: &str, data: &str) -> String {
+    custom_event_at(unix_time_ms(), stream, group, item, event_type, data)
+}
+
+/// `custom_event` stamped `timestamp` (ms since the epoch).
+pub fn custom_event_at(timestamp: u64, stream: &str, group: &str, item: Option<&str>, event_type: &str, data: &str) -> String {
     let mut body = String::from("{\"type\":\"event\",\"event\":{\"type\":");
     push_json_str(&mut body, event_type);
     body.push_str(",\"data\":");
     body.push_str(data);
     body.push_str("}}");
-    envelope(stream, group, item, &body)
+    envelope_at(timestamp, stream, group, item, &body)
 }
 
 /// A join refused by a `stream:join` trigger.

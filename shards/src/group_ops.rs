@@ -32,18 +32,18 @@ fn storage_error(code: &str, message: impl Into<String>) -> OpResult {
 /// Reads a stored value. Never turns into `null`: text that does not parse (a value written
 /// deeper than the reader accepts, by a version without the write-time check) is an error that
 /// names the problem; the text itself stays stored and is still what subscribers' frames carry.
-fn parse_stored(json: &Json) -> Result<Value, String> {
+pub(crate) fn parse_stored(json: &Json) -> Result<Value, String> {
     serde_json::from_str(json).map_err(|e| format!("the stored value cannot be read back: {e}"))
 }
 
 /// `(code, message)` for a stored value `parse_stored` could not read.
-fn unreadable(code: &str, item: &str, why: String) -> (String, String) {
+pub(crate) fn unreadable(code: &str, item: &str, why: String) -> (String, String) {
     (code.to_string(), format!("item {item:?}: {why}"))
 }
 
 /// Checks a document about to be stored against the limits that let it read back as itself:
 /// `max_value` bytes of text and `MAX_DOCUMENT_DEPTH` levels of nesting.
-fn check_storable(value: &Value, text: &str, max_value: usize, what: &str) -> Result<(), String> {
+pub(crate) fn check_storable(value: &Value, text: &str, max_value: usize, what: &str) -> Result<(), String> {
     let depth = update::depth(value);
     if depth > update::MAX_DOCUMENT_DEPTH {
         return Err(format!(
@@ -59,13 +59,13 @@ fn check_storable(value: &Value, text: &str, max_value: usize, what: &str) -> Re
 
 /// The JSON text of a value. Serialising a `Value` cannot fail (its keys are strings); the
 /// error path keeps that an error rather than a panic.
-fn value_text(value: &Value) -> Result<Json, String> {
+pub(crate) fn value_text(value: &Value) -> Result<Json, String> {
     serde_json::to_string(value).map(Json::from).map_err(|e| format!("the value cannot be encoded: {e}"))
 }
 
 /// `{"old_value": …}` plus `extra`; an unreadable old value is reported in `old_value_error`
 /// instead of being shown as `null` (the write it belongs to has happened).
-fn with_old_value(old: Option<&Json>, extra: Option<(&str, Value)>) -> Value {
+pub(crate) fn with_old_value(old: Option<&Json>, extra: Option<(&str, Value)>) -> Value {
     let mut result = serde_json::Map::new();
     match old.map(parse_stored).transpose() {
         Ok(old) => {

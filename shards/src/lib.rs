@@ -16,6 +16,7 @@ pub mod group_ops;
 pub mod messages;
 pub mod metrics;
 pub mod outbound;
+pub mod redis;
 pub mod owner;
 pub mod queue;
 pub mod routing;

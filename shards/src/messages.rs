@@ -67,9 +67,11 @@ pub enum ShardMsg {
     /// From the control core: run `op` on group `key`.
     GroupOp { key: GroupKey, op: GroupOp, reply: oneshot::Sender<GroupOpReply> },
     /// From the control core: groups of `stream` held by this shard.
-    ListGroups { stream: String, reply: oneshot::Sender<Vec<String>> },
+    /// (An error: the store could not answer, e.g. Redis is unreachable.)
+    ListGroups { stream: String, reply: oneshot::Sender<Result<Vec<String>, String>> },
     /// From the control core: every stream and its groups held by this shard.
-    ListStreams { reply: oneshot::Sender<Vec<(String, Vec<String>)>> },
+    #[allow(clippy::type_complexity)]
+    ListStreams { reply: oneshot::Sender<Result<Vec<(String, Vec<String>)>, String>> },
     /// From a shard with a new subscriber: register interest and send back a snapshot.
     Join(JoinRequest),
     /// From a shard: one subscription of `key` there has ended.
@@ -79,6 +81,9 @@ pub enum ShardMsg {
     Synced { conn: SubscriberConnId, join_id: u64, key: GroupKey, snapshot: Snapshot },
     /// From the owner: one event frame of `key`, for this shard's subscribers.
     Deliver { key: GroupKey, item: Option<String>, frame: Bytes },
+    /// From the owner: a frame only for this shard's subscriptions of `key` whose item is
+    /// exactly `item` (a fresh `sync` of the `redis` adapter).
+    DeliverExact { key: GroupKey, item: Option<String>, frame: Bytes },
 }
 
 /// A subscription asking the owner of `key` for its snapshot (and so for its events).

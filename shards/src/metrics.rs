@@ -19,6 +19,18 @@ pub struct ShardMetrics {
     /// every outbound queue of the shard; nothing waits on it (each queue is bounded and a
     /// stalled subscriber is closed, so no write ever waits for a subscriber that may never read).
     pub queued_bytes: Arc<AtomicUsize>,
+    /// `redis` adapter: commands that could not be sent or got no usable reply, snapshot reads
+    /// included.
+    pub redis_errors_total: AtomicU64,
+    /// `redis` adapter: events received on group channels.
+    pub redis_events_received_total: AtomicU64,
+    /// `redis` adapter: fresh `sync` frames sent to a group's subscribers after a gap or a lost
+    /// pub/sub connection (one per group and resync).
+    pub redis_resyncs_total: AtomicU64,
+    /// `redis` adapter: commands sent on the shard's connections.
+    pub redis_commands_total: AtomicU64,
+    /// `redis` adapter: socket writes that carried them (commands per write = pipelining).
+    pub redis_writes_total: AtomicU64,
 }
 
 /// The counters of every shard, by index (a shard adds to a peer's `queued_bytes` when it sends

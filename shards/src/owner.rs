@@ -25,6 +25,9 @@ pub enum OwnerOutput {
     Deliver { shard: usize, key: GroupKey, item: Option<String>, frame: Bytes },
     /// A join's snapshot, for the subscription on shard `join.from_shard`.
     Synced { join: JoinRequest, snapshot: Snapshot },
+    /// A frame only for the subscriptions on shard `shard` whose item is exactly `item` (`None`:
+    /// group subscriptions): the fresh `sync` of the `redis` adapter after a gap.
+    DeliverExact { shard: usize, key: GroupKey, item: Option<String>, frame: Bytes },
     /// The answer to a group operation, after its event's deliveries.
     Reply { reply: oneshot::Sender<GroupOpReply>, answer: GroupOpReply },
 }
@@ -101,6 +104,22 @@ impl<S: KvStore> Owner<S> {
             }
         }
         frame
+    }
+
+    /// Publishes an event whose storage happened elsewhere (the `redis` adapter: another node,
+    /// or this one through Redis); returns its frame.
+    pub fn publish_event(&mut self, key: &GroupKey, item: Option<String>, text: &[u8], out: &mut Vec<OwnerOutput>) -> Bytes {
+        self.publish(key, item, text, out)
+    }
+
+    /// Whether any shard holds a subscription of `key`.
+    pub fn has_interest(&self, key: &GroupKey) -> bool {
+        self.interest.contains_key(key)
+    }
+
+    /// The shards that hold subscriptions of `key`.
+    pub fn interested_shards(&self, key: &GroupKey) -> Vec<usize> {
+        self.interest.get(key).map(|shards| shards.keys().copied().collect()).unwrap_or_default()
     }
 
     /// A subscription asks for the group: registers its shard's interest and answers the
@@ -197,6 +216,7 @@ mod tests {
                     let event = &frame_json(&frame)["event"];
                     format!("deliver to {shard}: {} {}", event["type"].as_str().unwrap(), event["data"])
                 }
+                OwnerOutput::DeliverExact { shard, .. } => format!("deliver exact to {shard}"),
                 OwnerOutput::Synced { join, snapshot } => format!("synced to {}: {}", join.from_shard, frame_json(&snapshot.unwrap())["event"]["data"]),
                 OwnerOutput::Reply { answer, .. } => match answer.result {
                     Ok(value) => format!("reply {}", value.map_or("none".to_string(), |v| v.to_string())),
@@ -292,7 +312,7 @@ mod tests {
                         other => panic!("unexpected event {other}"),
                     }
                 }
-                OwnerOutput::Reply { .. } => {}
+                OwnerOutput::Reply { .. } | OwnerOutput::DeliverExact { .. } => {}
             }
         }
     }

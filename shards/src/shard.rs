@@ -43,15 +43,17 @@ impl ShardContext {
 
 /// The state of one shard core.
 pub struct Shard {
-    ctx: ShardContext,
-    owner: Owner<ShardStore>,
+    pub(crate) ctx: ShardContext,
+    pub(crate) owner: Owner<ShardStore>,
     /// Group commit: fdatasync off the shard thread (`None`: writes are acknowledged at once).
     syncer: Option<Rc<Syncer>>,
     /// Longest a commit gathers writes before it syncs.
     gather: Duration,
     subscribers: SubscriberTable,
     delivery: Delivery,
-    self_ref: Weak<RefCell<Shard>>,
+    pub(crate) self_ref: Weak<RefCell<Shard>>,
+    /// The `redis` adapter's connections and subscribed groups (`None` for the other stores).
+    pub(crate) redis: Option<Box<crate::redis::backend::RedisBackend>>,
 }
 
 impl Shard {
@@ -72,8 +74,23 @@ impl Shard {
             subscribers: SubscriberTable::new(),
             delivery: Delivery::default(),
             self_ref: Weak::new(),
+            redis: None,
         }));
         shard.borrow_mut().self_ref = Rc::downgrade(&shard);
+        let redis_url = match &shard.borrow().ctx.config.store.location {
+            crate::config::StoreLocation::Redis { url } => Some(url.clone()),
+            _ => None,
+        };
+        if let Some(url) = redis_url {
+            match crate::redis::backend::resolve(&url) {
+                Some(addr) => {
+                    let max_value = shard.borrow().ctx.config.max_value_bytes;
+                    let backend = crate::redis::backend::RedisBackend::start(&url, addr, Rc::downgrade(&shard), max_value);
+                    shard.borrow_mut().redis = Some(Box::new(backend));
+                }
+                None => tracing::error!("redis: cannot resolve {}; every stream operation will fail", url.address()),
+            }
+        }
         shard
     }
 
@@ -103,19 +120,26 @@ impl Shard {
     pub fn handle(&mut self, msg: ShardMsg) {
         let mut out = Vec::new();
         match msg {
+            ShardMsg::GroupOp { key, op, reply } if self.redis.is_some() => self.redis_op(key, op, reply),
             ShardMsg::GroupOp { key, op, reply } => {
                 if self.owner.run(key, op, reply, &mut out) {
                     self.start_commit();
                 }
             }
+            ShardMsg::ListGroups { stream, reply } if self.redis.is_some() => self.redis_list_groups(stream, reply),
             ShardMsg::ListGroups { stream, reply } => {
-                let _ = reply.send(ringcast_storage::KvStore::list_groups(self.owner.store(), &stream));
+                let _ = reply.send(Ok(ringcast_storage::KvStore::list_groups(self.owner.store(), &stream)));
             }
+            ShardMsg::ListStreams { reply } if self.redis.is_some() => self.redis_list_streams(reply),
             ShardMsg::ListStreams { reply } => {
-                let _ = reply.send(ringcast_storage::KvStore::list_streams(self.owner.store()));
+                let _ = reply.send(Ok(ringcast_storage::KvStore::list_streams(self.owner.store())));
             }
-            ShardMsg::Join(join) => self.owner.join(join, &mut out),
-            ShardMsg::Leave { from_shard, key } => self.owner.leave(from_shard, &key),
+            ShardMsg::Join(join) => self.owner_join(join, &mut out),
+            ShardMsg::Leave { from_shard, key } => self.owner_leave(from_shard, &key),
+            ShardMsg::DeliverExact { key, item, frame } => {
+                self.deliver_exact_here(&key, item.as_deref(), &frame);
+                self.ctx.counters().queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+            }
             ShardMsg::Synced { conn, join_id, key, snapshot } => self.activate(conn, join_id, key, snapshot),
             ShardMsg::Deliver { key, item, frame } => {
                 self.deliver_here(&key, item.as_deref(), &frame);
@@ -127,9 +151,16 @@ impl Shard {
 
     /// Sends what the owner side produced: frames and snapshots for other shards to their
     /// inboxes, those for this shard's subscribers straight to them.
-    fn send(&mut self, out: Vec<OwnerOutput>) {
+    pub(crate) fn send(&mut self, out: Vec<OwnerOutput>) {
         for output in out {
             match output {
+                OwnerOutput::DeliverExact { shard, key, item, frame } if shard == self.ctx.index => {
+                    self.deliver_exact_here(&key, item.as_deref(), &frame);
+                }
+                OwnerOutput::DeliverExact { shard, key, item, frame } => {
+                    self.ctx.metrics[shard].queued_bytes.fetch_add(frame.len(), Ordering::Relaxed);
+                    let _ = self.ctx.peers[shard].unbounded_send(ShardMsg::DeliverExact { key, item, frame });
+                }
                 OwnerOutput::Deliver { shard, key, item, frame } if shard == self.ctx.index => {
                     self.deliver_here(&key, item.as_deref(), &frame);
                 }
@@ -168,6 +199,31 @@ impl Shard {
         let slow = self.delivery.deliver(&self.subscribers, key, item, frame, self.ctx.counters());
         for conn in slow {
             self.close_slow(conn, Slow::Overflow);
+        }
+    }
+
+    /// Queues `frame` for this shard's subscriptions of exactly `item` of `key`.
+    fn deliver_exact_here(&mut self, key: &GroupKey, item: Option<&str>, frame: &Bytes) {
+        let slow = self.delivery.deliver_exact(&self.subscribers, key, item, frame, self.ctx.counters());
+        for conn in slow {
+            self.close_slow(conn, Slow::Overflow);
+        }
+    }
+
+    /// A join at this shard as the group's owner (under `redis`, once the group is live).
+    fn owner_join(&mut self, join: JoinRequest, out: &mut Vec<OwnerOutput>) {
+        if self.redis.is_some() {
+            self.redis_join(join, out);
+        } else {
+            self.owner.join(join, out);
+        }
+    }
+
+    /// A subscription ended at this shard as the group's owner.
+    fn owner_leave(&mut self, from_shard: usize, key: &GroupKey) {
+        self.owner.leave(from_shard, key);
+        if self.redis.is_some() {
+            self.redis_after_leave(key);
         }
     }
 
@@ -283,7 +339,7 @@ impl Shard {
         let owner = self.owner_of(&join.key);
         if owner == self.ctx.index {
             let mut out = Vec::new();
-            self.owner.join(join, &mut out);
+            self.owner_join(join, &mut out);
             self.send(out);
         } else {
             let _ = self.ctx.peers[owner].unbounded_send(ShardMsg::Join(join));
@@ -312,7 +368,7 @@ impl Shard {
     fn release_interest(&mut self, key: GroupKey) {
         let owner = self.owner_of(&key);
         if owner == self.ctx.index {
-            self.owner.leave(owner, &key);
+            self.owner_leave(owner, &key);
         } else {
             let _ = self.ctx.peers[owner].unbounded_send(ShardMsg::Leave { from_shard: self.ctx.index, key });
         }
@@ -339,6 +395,9 @@ impl Shard {
 
     /// Closes every connection with "going away".
     pub fn shutdown(&mut self) {
+        if let Some(redis) = &self.redis {
+            redis.stop();
+        }
         let conns: Vec<SubscriberConnId> = self.subscribers.iter().map(|(id, _)| id).collect();
         for conn in conns {
             self.close_conn(conn, 1001, "engine shutting down");

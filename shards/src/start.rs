@@ -36,6 +36,8 @@ pub async fn run(
     let stall_timeout = ctx.config.slow_subscriber_timeout;
     let file_store = matches!(ctx.config.store.location, StoreLocation::File { .. });
     let shard = Shard::new(ctx, store);
+    // The `redis` adapter: operations wait in the inbox until the connections are up.
+    crate::redis::backend::RedisBackend::wait_connected(&shard, crate::redis::client::CONNECT_TIMEOUT).await;
     if file_store {
         let compactor = Rc::downgrade(&shard);
         glommio::spawn_local(async move {

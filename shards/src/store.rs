@@ -81,7 +81,8 @@ impl ShardStore {
     /// Opens shard `index`'s store as configured.
     pub fn open(settings: &StoreSettings, index: usize) -> Result<ShardStore, StoreStartError> {
         match &settings.location {
-            StoreLocation::Memory => Ok(ShardStore::Memory(MemoryStore::new())),
+            // Under `redis` the memory store is the mirror of the subscribed groups.
+            StoreLocation::Memory | StoreLocation::Redis { .. } => Ok(ShardStore::Memory(MemoryStore::new())),
             &StoreLocation::File { ref root, segment_size, compaction_threshold } => {
                 let options = options(segment_size, compaction_threshold, settings.commit);
                 let store = open_file_store(&shard_dir(root, index), options)?;

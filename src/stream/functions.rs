@@ -234,7 +234,8 @@ fn stream_list_groups(service: &Rc<StreamService>, engine: &mut Engine, data: Va
     BuiltinReply::Later(Box::pin(async move {
         let mut groups = BTreeSet::new();
         for rx in receivers {
-            groups.extend(rx.await.map_err(|_| ErrorBody::new("STREAM_LIST_GROUPS_ERROR", "a shard is not running"))?);
+            let held = rx.await.map_err(|_| ErrorBody::new("STREAM_LIST_GROUPS_ERROR", "a shard is not running"))?;
+            groups.extend(held.map_err(|message| ErrorBody::new("STREAM_LIST_GROUPS_ERROR", message))?);
         }
         Ok(Some(json!(groups)))
     }))
@@ -257,6 +258,7 @@ fn stream_list_all(service: &Rc<StreamService>, _engine: &mut Engine, data: Valu
         let mut streams: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for rx in receivers {
             let held = rx.await.map_err(|_| ErrorBody::new("STREAM_LIST_ALL_ERROR", "a shard is not running"))?;
+            let held = held.map_err(|message| ErrorBody::new("STREAM_LIST_ALL_ERROR", message))?;
             for (stream, groups) in held {
                 streams.entry(stream).or_default().extend(groups);
             }

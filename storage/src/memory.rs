@@ -27,6 +27,21 @@ impl MemoryStore {
         self.streams.get(stream)?.get(group)
     }
 
+    /// Drops a whole group (the `redis` adapter's mirror of a group nobody subscribes to).
+    pub fn remove_group(&mut self, stream: &str, group: &str) {
+        if let Some(groups) = self.streams.get_mut(stream) {
+            groups.remove(group);
+            if groups.is_empty() {
+                self.streams.remove(stream);
+            }
+        }
+    }
+
+    /// `(item id, value)` of a group, in order.
+    pub fn items(&self, stream: &str, group: &str) -> Vec<(String, Json)> {
+        self.group(stream, group).map(|items| items.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+    }
+
 }
 
 impl KvStore for MemoryStore {
