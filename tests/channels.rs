@@ -351,3 +351,43 @@ fn a_channel_request_that_trickles_in_is_still_served_and_workers_are_unaffected
     worker.assert_quiet();
     drop(silent);
 }
+
+#[test]
+fn sigterm_closes_channel_sockets_with_1001_and_exits_zero() {
+    let (mut engine, _port) = engine_with_metrics("");
+    let mut worker = Worker::connect(&engine);
+    let refs = create(&mut worker, json!({}));
+    let mut writer = open(&url(&engine, &refs["writer"], "write"));
+    let mut reader = open(&url(&engine, &refs["reader"], "read"));
+    writer.send(Message::text("before the stop")).unwrap();
+    assert_eq!(reader.read().unwrap(), Message::text("before the stop"));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(engine.child.id() as i32, common::SIGTERM) };
+    for ws in [&mut writer, &mut reader] {
+        let (_, close) = read_to_close(ws);
+        assert_eq!(close, Some((1001, "engine shutting down".to_string())));
+    }
+    let status = common::wait_exit(&mut engine.child, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_writer_that_sends_an_invalid_frame_is_closed_and_the_reader_told() {
+    let (engine, port) = engine_with_metrics("");
+    let mut worker = Worker::connect(&engine);
+    let refs = create(&mut worker, json!({}));
+    let mut writer = open(&url(&engine, &refs["writer"], "write"));
+    let mut reader = open(&url(&engine, &refs["reader"], "read"));
+    writer.send(Message::text("valid")).unwrap();
+    // A masked text frame whose payload is not UTF-8.
+    if let MaybeTlsStream::Plain(s) = writer.get_mut() {
+        s.write_all(&[0x81, 0x82, 0, 0, 0, 0, 0xff, 0xfe]).unwrap();
+    }
+    let (_, close) = read_to_close(&mut writer);
+    assert_eq!(close.map(|c| c.0), Some(1007));
+    let (frames, close) = read_to_close(&mut reader);
+    assert_eq!(frames, vec![Message::text("valid")]);
+    assert_eq!(close, Some((4002, "channel writer failed: invalid frame".to_string())));
+    drop(reader);
+    wait_until(Duration::from_secs(5), "channel reclaimed", || metric(port, "ringcast_channels_open") == 0);
+}

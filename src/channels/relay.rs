@@ -25,6 +25,7 @@ use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::StatusCode;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tungstenite::error::ProtocolError;
 use tungstenite::{Error as WsError, Message};
 
 /// Longest the engine tries to write a close frame and waits for the peer's answer.
@@ -34,6 +35,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const USER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Close code for a frame over `max_message_bytes`.
 const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code for a frame that breaks the WebSocket protocol.
+const CLOSE_PROTOCOL: u16 = 1002;
+/// Close code for a text frame that is not UTF-8.
+const CLOSE_BAD_DATA: u16 = 1007;
 /// Close code and reason when the engine stops.
 const CLOSE_SHUTDOWN: u16 = 1001;
 
@@ -351,6 +356,12 @@ async fn run_writer(pipe: &Pipe, sink: Sink, mut source: Source) {
                 pipe.finish_writer(CloseReason::new(CLOSE_TOO_BIG, "channel writer sent a message over max_message_bytes"));
                 break Ending::Send(CloseReason::new(CLOSE_TOO_BIG, "message too big"));
             }
+            Either::Left((Some(Err(e)), _)) if broke_protocol(&e) => {
+                tracing::warn!("channel writer closed: it broke the WebSocket protocol: {e}");
+                pipe.finish_writer(CloseReason::new(CLOSE_PEER_WENT_AWAY, "channel writer failed: invalid frame"));
+                let code = if matches!(e, WsError::Utf8(_)) { CLOSE_BAD_DATA } else { CLOSE_PROTOCOL };
+                break Ending::Send(CloseReason::new(code, "invalid frame"));
+            }
             Either::Left((Some(Err(_)) | None, _)) => {
                 pipe.finish_writer(CloseReason::new(CLOSE_PEER_WENT_AWAY, "channel writer went away"));
                 break Ending::PeerGone;
@@ -360,6 +371,15 @@ async fn run_writer(pipe: &Pipe, sink: Sink, mut source: Source) {
         }
     };
     close_socket(sink, source, close_with).await;
+}
+
+/// Whether a read error is the peer's fault (an invalid frame), not its disappearance.
+fn broke_protocol(e: &WsError) -> bool {
+    match e {
+        WsError::Utf8(_) => true,
+        WsError::Protocol(p) => !matches!(p, ProtocolError::ResetWithoutClosingHandshake),
+        _ => false,
+    }
 }
 
 /// How a channel socket ends.
