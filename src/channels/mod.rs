@@ -229,6 +229,7 @@ impl Channels {
 pub async fn peek_is_channel(stream: &glommio::net::TcpStream, limit: Duration) -> Option<bool> {
     let deadline = Instant::now() + limit;
     let mut first = [0u8; request::REQUEST_LINE_PREFIX.len()];
+    let mut pause = Duration::from_millis(1);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let peeked = glommio::timer::timeout(left, async { Ok(stream.peek(&mut first).await) }).await;
@@ -239,9 +240,13 @@ pub async fn peek_is_channel(stream: &glommio::net::TcpStream, limit: Duration) 
         match request::classify(first.get(..n).unwrap_or_default()) {
             request::Peeked::Channel => return Some(true),
             request::Peeked::Other => return Some(false),
-            // A request line that trickles in: look again shortly (a peek returns at once
-            // while bytes are waiting, so this must not spin).
-            request::Peeked::Undecided => glommio::timer::sleep(Duration::from_millis(2)).await,
+            // A request line that trickles in: look again after a pause that doubles up to
+            // 64 ms (a peek returns at once while bytes are waiting, so this must not spin, and
+            // a client that stalls mid-line costs the control core a few peeks a second).
+            request::Peeked::Undecided => {
+                glommio::timer::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(64));
+            }
         }
     }
 }
