@@ -391,3 +391,31 @@ fn a_writer_that_sends_an_invalid_frame_is_closed_and_the_reader_told() {
     drop(reader);
     wait_until(Duration::from_secs(5), "channel reclaimed", || metric(port, "ringcast_channels_open") == 0);
 }
+
+#[test]
+fn buffer_size_bounds_the_frames_held_for_a_stalled_reader() {
+    let (engine, port) = engine_with_metrics("");
+    let mut worker = Worker::connect(&engine);
+    let refs = create(&mut worker, json!({"buffer_size": 2}));
+    let _reader = open(&url(&engine, &refs["reader"], "read"));
+    let mut writer = open(&url(&engine, &refs["writer"], "write"));
+    let written = Arc::new(AtomicU64::new(0));
+    let progress = written.clone();
+    // Runs until the engine closes it (the test's end kills the engine).
+    std::thread::spawn(move || {
+        while writer.send(Message::binary(vec![3u8; FRAME])).is_ok() {
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let mut last = (0, Instant::now());
+    wait_until(Duration::from_secs(30), "the writer to stall", || {
+        let now = written.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        now > 0 && last.1.elapsed() > Duration::from_millis(500)
+    });
+    let buffered = metric(port, "ringcast_channel_buffered_bytes");
+    assert!(buffered > 0, "the stalled reader's frames wait in the buffer");
+    assert!(buffered <= 2 * FRAME as u64, "buffer_size 2 holds {buffered} bytes");
+}
