@@ -346,7 +346,7 @@ fn a_channel_request_that_trickles_in_is_still_served_and_workers_are_unaffected
     let mut answer = [0u8; 12];
     std::io::Read::read_exact(&mut raw, &mut answer).unwrap();
     assert_eq!(&answer, b"HTTP/1.1 101");
-    // A connection that sends nothing holds nothing on the control core: workers still answer.
+    // A connection that sends nothing does not hold up the control core: workers still answer.
     let silent = TcpStream::connect(("127.0.0.1", engine.worker_port)).unwrap();
     worker.assert_quiet();
     drop(silent);
