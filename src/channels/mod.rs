@@ -1,6 +1,6 @@
 //! Channels (spec §7): byte streams between workers that bypass the invocation path.
 //! `engine::channels::create` makes a channel (a fresh id and access key, returned as a writer
-//! and a reader [`StreamChannelRef`](https://iii.dev) pair); workers then open
+//! and a reader `StreamChannelRef`, spec §2.3); workers then open
 //! `/ws/channels/{id}?key=…&dir=write|read` on the worker port and the engine relays the
 //! writer's text and binary frames, in order and unmodified, to the reader.
 //!
