@@ -219,7 +219,10 @@ fn worker_logs_false_counts_records_without_logging_them() {
     let (engine, log, port) = logged_engine("      telemetry:\n        worker_logs: false\n");
     let mut ws = otel_socket(&engine);
     send_frame(&mut ws, "LOGS", logs("svc", "python", &[(17, "not shown", None), (9, "nor this", None)]).as_bytes());
-    wait_metric(port, "ringcast_telemetry_log_records_total", 2);
+    // The thread handles frames in order: once it warned about this one, it is past the first.
+    send_frame(&mut ws, "LOGS", b"barrier");
+    log.wait_for(&["WARN", "malformed worker telemetry frame"], WAIT);
+    assert_eq!(metric(port, "ringcast_telemetry_log_records_total"), 2);
     assert!(!log.lines().iter().any(|l| l.contains("worker:")), "no worker line with worker_logs: false");
 }
 
