@@ -416,6 +416,34 @@ fn a_collector_that_refuses_or_is_gone_costs_only_counters() {
 }
 
 #[test]
+fn a_stalled_collector_fills_the_forward_queue_which_drops_and_counts() {
+    // Accepts connections and never answers.
+    let stalled = TcpListener::bind("127.0.0.1:0").unwrap();
+    let collector_port = stalled.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || stalled.incoming().take(1).flatten().collect::<Vec<_>>());
+    let (engine, log, port) = logged_engine(&format!(
+        "      telemetry:\n        otlp_endpoint: http://127.0.0.1:{collector_port}\n        forward_queue_bytes: 8000\n        forward_timeout_ms: 2000\n"
+    ));
+    let mut ws = otel_socket(&engine);
+    const FRAMES: u64 = 20;
+    for i in 0..FRAMES {
+        let body = format!("line {i} {}", "z".repeat(1000));
+        send_frame(&mut ws, "LOGS", logs("svc", "python", &[(9, &body, None)]).as_bytes());
+    }
+    // Every line is logged at once, whatever the collector does.
+    log.wait_for(&["INFO", "worker:", &format!("line {} zzz", FRAMES - 1)], WAIT);
+    // One frame waits on the stalled collector, a few fit in 8000 bytes, the rest are dropped.
+    let dropped = metric(port, "ringcast_telemetry_forward_dropped_total");
+    assert!(dropped >= FRAMES - 8 && dropped < FRAMES, "dropped {dropped} of {FRAMES}");
+    assert!(metric(port, "ringcast_telemetry_forward_queue_bytes") <= 8000);
+    log.wait_for(&["WARN", "forward queue full"], WAIT);
+    // The stalled request times out and counts as an error; the queue drains.
+    wait_metric(port, "ringcast_telemetry_forward_errors_total", FRAMES - dropped);
+    wait_metric(port, "ringcast_telemetry_forward_queue_bytes", 0);
+    drop(held);
+}
+
+#[test]
 fn a_bad_collector_address_is_a_config_error() {
     let dir = scratch_dir();
     let path = dir.join("config.yaml");
