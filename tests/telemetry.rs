@@ -434,7 +434,7 @@ fn a_stalled_collector_fills_the_forward_queue_which_drops_and_counts() {
     log.wait_for(&["INFO", "worker:", &format!("line {} zzz", FRAMES - 1)], WAIT);
     // One frame waits on the stalled collector, a few fit in 8000 bytes, the rest are dropped.
     let dropped = metric(port, "ringcast_telemetry_forward_dropped_total");
-    assert!(dropped >= FRAMES - 8 && dropped < FRAMES, "dropped {dropped} of {FRAMES}");
+    assert!((FRAMES - 8..FRAMES).contains(&dropped), "dropped {dropped} of {FRAMES}");
     assert!(metric(port, "ringcast_telemetry_forward_queue_bytes") <= 8000);
     log.wait_for(&["WARN", "forward queue full"], WAIT);
     // The stalled request times out and counts as an error; the queue drains.
