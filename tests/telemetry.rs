@@ -219,7 +219,10 @@ fn worker_logs_false_counts_records_without_logging_them() {
     let (engine, log, port) = logged_engine("      telemetry:\n        worker_logs: false\n");
     let mut ws = otel_socket(&engine);
     send_frame(&mut ws, "LOGS", logs("svc", "python", &[(17, "not shown", None), (9, "nor this", None)]).as_bytes());
-    wait_metric(port, "ringcast_telemetry_log_records_total", 2);
+    // The thread handles frames in order: once it warned about this one, it is past the first.
+    send_frame(&mut ws, "LOGS", b"barrier");
+    log.wait_for(&["WARN", "malformed worker telemetry frame"], WAIT);
+    assert_eq!(metric(port, "ringcast_telemetry_log_records_total"), 2);
     assert!(!log.lines().iter().any(|l| l.contains("worker:")), "no worker line with worker_logs: false");
 }
 
@@ -410,6 +413,34 @@ fn a_collector_that_refuses_or_is_gone_costs_only_counters() {
     log.wait_for(&["INFO", "worker:", "logged anyway"], WAIT);
     wait_metric(port, "ringcast_telemetry_forward_errors_total", 1);
     assert_eq!(metric(port, "ringcast_telemetry_forwarded_frames_total"), 0);
+}
+
+#[test]
+fn a_stalled_collector_fills_the_forward_queue_which_drops_and_counts() {
+    // Accepts connections and never answers.
+    let stalled = TcpListener::bind("127.0.0.1:0").unwrap();
+    let collector_port = stalled.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || stalled.incoming().take(1).flatten().collect::<Vec<_>>());
+    let (engine, log, port) = logged_engine(&format!(
+        "      telemetry:\n        otlp_endpoint: http://127.0.0.1:{collector_port}\n        forward_queue_bytes: 8000\n        forward_timeout_ms: 2000\n"
+    ));
+    let mut ws = otel_socket(&engine);
+    const FRAMES: u64 = 20;
+    for i in 0..FRAMES {
+        let body = format!("line {i} {}", "z".repeat(1000));
+        send_frame(&mut ws, "LOGS", logs("svc", "python", &[(9, &body, None)]).as_bytes());
+    }
+    // Every line is logged at once, whatever the collector does.
+    log.wait_for(&["INFO", "worker:", &format!("line {} zzz", FRAMES - 1)], WAIT);
+    // One frame waits on the stalled collector, a few fit in 8000 bytes, the rest are dropped.
+    let dropped = metric(port, "ringcast_telemetry_forward_dropped_total");
+    assert!((FRAMES - 8..FRAMES).contains(&dropped), "dropped {dropped} of {FRAMES}");
+    assert!(metric(port, "ringcast_telemetry_forward_queue_bytes") <= 8000);
+    log.wait_for(&["WARN", "forward queue full"], WAIT);
+    // The stalled request times out and counts as an error; the queue drains.
+    wait_metric(port, "ringcast_telemetry_forward_errors_total", FRAMES - dropped);
+    wait_metric(port, "ringcast_telemetry_forward_queue_bytes", 0);
+    drop(held);
 }
 
 #[test]

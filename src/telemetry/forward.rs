@@ -6,6 +6,8 @@
 //! dropped and counted, never retried: a collector that is down or slow costs the engine nothing
 //! but those counters.
 
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
 use super::otlp::Kind;
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -188,6 +190,7 @@ fn post(endpoint: &Endpoint, kind: Kind, payload: &[u8], timeout: Duration) -> R
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

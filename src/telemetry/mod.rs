@@ -20,6 +20,8 @@
 //! the same address (matched by runtime when there are several); else the resource's
 //! `service.name` as sent.
 
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
 mod forward;
 pub mod otlp;
 mod peer;
@@ -112,17 +114,17 @@ impl TelemetryConfig {
     }
 }
 
-/// Counters of the telemetry path, by kind where it has one (index: traces, metrics, logs).
+/// Counters of the telemetry path, by kind where it has one.
 #[derive(Default)]
 pub struct TelemetryMetrics {
     /// Frames that arrived with a known prefix.
-    pub frames_total: [AtomicU64; 3],
+    pub frames_total: PerKind,
     /// Binary frames on `/otel` without a known prefix, and text frames there.
     pub unknown_frames_total: AtomicU64,
     /// Frames whose payload was not OTLP/JSON of their kind.
-    pub malformed_frames_total: [AtomicU64; 3],
+    pub malformed_frames_total: PerKind,
     /// Frames dropped because the telemetry queue was full.
-    pub dropped_frames_total: [AtomicU64; 3],
+    pub dropped_frames_total: PerKind,
     pub spans_total: AtomicU64,
     pub metrics_total: AtomicU64,
     pub log_records_total: AtomicU64,
@@ -137,11 +139,21 @@ pub struct TelemetryMetrics {
     pub forward_queue_bytes: AtomicU64,
 }
 
-fn index(kind: Kind) -> usize {
-    match kind {
-        Kind::Traces => 0,
-        Kind::Metrics => 1,
-        Kind::Logs => 2,
+/// One counter per telemetry kind.
+#[derive(Default)]
+pub struct PerKind {
+    pub traces: AtomicU64,
+    pub metrics: AtomicU64,
+    pub logs: AtomicU64,
+}
+
+impl PerKind {
+    pub fn of(&self, kind: Kind) -> &AtomicU64 {
+        match kind {
+            Kind::Traces => &self.traces,
+            Kind::Metrics => &self.metrics,
+            Kind::Logs => &self.logs,
+        }
     }
 }
 
@@ -165,7 +177,7 @@ impl TelemetryMetrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for kind in KINDS {
-                let _ = writeln!(out, "{name}{{kind=\"{}\"}} {}", kind.label(), counters[index(kind)].load(Relaxed));
+                let _ = writeln!(out, "{name}{{kind=\"{}\"}} {}", kind.label(), counters.of(kind).load(Relaxed));
             }
         }
         for (name, help, kind, value) in [
@@ -363,7 +375,7 @@ impl Telemetry {
     fn submit_frame(&self, frame: Bytes, source: Source) -> bool {
         let Some((kind, _)) = otlp::split_prefix(&frame) else { return false };
         let m = &self.metrics.telemetry;
-        m.frames_total[index(kind)].fetch_add(1, Relaxed);
+        m.frames_total.of(kind).fetch_add(1, Relaxed);
         let cost = frame.len() + ENTRY_OVERHEAD;
         let queued = &m.queue_bytes;
         let before = queued.fetch_add(cost as u64, Relaxed);
@@ -385,7 +397,7 @@ impl Telemetry {
     }
 
     fn dropped(&self, kind: Kind) {
-        let n = self.metrics.telemetry.dropped_frames_total[index(kind)].fetch_add(1, Relaxed) + 1;
+        let n = self.metrics.telemetry.dropped_frames_total.of(kind).fetch_add(1, Relaxed) + 1;
         // One line at the 1st, 2nd, 4th, 8th… drop: visible without flooding the log.
         if n.is_power_of_two() {
             tracing::warn!(dropped = n, "telemetry queue full (queue_bytes): worker telemetry frames dropped");
@@ -467,7 +479,7 @@ impl Decoder {
                 true
             }
             Err(e) => {
-                let n = m.malformed_frames_total[index(kind)].fetch_add(1, Relaxed) + 1;
+                let n = m.malformed_frames_total.of(kind).fetch_add(1, Relaxed) + 1;
                 if n.is_power_of_two() {
                     tracing::warn!(
                         kind = kind.label(),
@@ -564,6 +576,7 @@ fn emit(line: &LogLine, worker: &str) {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

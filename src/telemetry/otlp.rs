@@ -9,6 +9,8 @@
 //! the rendered message and data of a log record are cut to the configured line length, with
 //! control characters escaped so that a worker cannot forge engine log lines.
 
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
 use serde::de::{DeserializeOwned, Deserializer};
 use serde::Deserialize;
 use serde_json::Value;
@@ -385,6 +387,7 @@ struct ScopeMetrics {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -5,6 +5,8 @@
 //! the same PID namespace, whose `/proc/<pid>/fd` the engine may read (same user or root); every
 //! failure is simply "not known".
 
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{IpAddr, SocketAddr};
 
 /// Most fd entries looked at in one process (a bound on the work of one lookup).
@@ -68,6 +70,7 @@ fn encode(addr: SocketAddr) -> Vec<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
