@@ -219,6 +219,34 @@ fn a_message_whose_function_never_gets_a_worker_is_dead_lettered_after_the_age_l
 }
 
 #[test]
+fn a_delivery_without_result_within_the_timeout_is_a_failed_attempt_and_is_retried() {
+    let port = free_port();
+    let queues = queue_block("        slow: {concurrency: 1, max_retries: 2, backoff_ms: 10, delivery_timeout_ms: 200}\n");
+    let engine = Engine::start_full(&format!("metrics: 127.0.0.1:{port}\n"), "", &queues, &[]);
+    let mut consumer = Worker::connect(&engine);
+    consumer.register_function("jobs::hangs");
+    let mut producer = Worker::connect(&engine);
+    enqueue(&mut producer, "slow", "jobs::hangs", json!({"n": 1}));
+    let first = consumer.recv_type("invokefunction");
+    let started = Instant::now();
+    // Not answered: given up after the timeout and delivered again.
+    let second = consumer.recv_type("invokefunction");
+    assert!(started.elapsed() >= Duration::from_millis(190), "retried after {:?}", started.elapsed());
+    assert_eq!(second["data"], json!({"n": 1}));
+    assert_ne!(second["invocation_id"], first["invocation_id"]);
+    // The given-up call left no pending invocation behind: only the second one waits.
+    let in_flight = || http_get(port, "/metrics", Duration::from_secs(2)).unwrap_or_default();
+    assert!(in_flight().lines().any(|l| l == "ringcast_invocations_in_flight 1"), "{}", in_flight());
+    // The late answer to the first delivery is dropped; the second one's counts.
+    consumer.answer(&first, json!("late"));
+    consumer.answer(&second, json!("ok"));
+    wait_until(Duration::from_secs(5), "the queue to empty", || topic(&mut producer, "slow")["depth"] == 0);
+    assert!(dead_letters(&mut producer, "slow").is_empty());
+    consumer.assert_quiet();
+    assert!(in_flight().lines().any(|l| l == "ringcast_invocations_in_flight 0"), "{}", in_flight());
+}
+
+#[test]
 fn a_provider_worker_of_engine_queue_enqueue_takes_precedence() {
     let engine = start("        q: {}\n");
     let mut provider = Worker::connect(&engine);

@@ -378,6 +378,7 @@ impl Service {
     /// Asks the control core to run one delivery; its outcome comes back to `settle`.
     fn deliver(&mut self, queue: &str, d: Dispatch) {
         let (tx, rx) = oneshot::channel();
+        let timeout = self.queues.get(queue).and_then(|q| q.settings.delivery_timeout);
         let call = QueueCall {
             queue: queue.to_owned(),
             namespace: d.namespace,
@@ -385,6 +386,7 @@ impl Service {
             data: d.data,
             traceparent: d.traceparent,
             baggage: d.baggage,
+            timeout,
             reply: tx,
         };
         // If the control core is gone the reply is dropped, which reads as a shutdown.
