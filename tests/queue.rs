@@ -448,3 +448,28 @@ fn queued_and_dead_messages_follow_their_queues_to_new_shards_when_the_shard_cou
     drop(engine);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn awkward_payloads_are_stored_and_delivered_byte_identical() {
+    let dir = scratch_dir();
+    let engine = Engine::start_with("", &durable_config(&dir, "batch"), &[]);
+    let mut consumer = Worker::connect(&engine);
+    consumer.register_function("jobs::raw");
+    let mut producer = Worker::connect(&engine);
+    let payload = r#"{"big":123456789012345678901234567890,"huge":1e999,"neg":-0,"s":"\ud83d\ude00 \u0000"}"#;
+    let id = uuid();
+    producer.send_raw(tungstenite::Message::text(format!(
+        r#"{{"type":"invokefunction","invocation_id":"{id}","function_id":"jobs::raw","data":{payload},"action":{{"type":"enqueue","queue":"crash"}}}}"#
+    )));
+    let receipt = producer.recv_type("invocationresult");
+    assert!(receipt["result"]["messageReceiptId"].is_string(), "{receipt}");
+    let text = loop {
+        match consumer.ws.read().expect("a delivery") {
+            tungstenite::Message::Text(text) if text.contains("invokefunction") => break text.to_string(),
+            _ => continue,
+        }
+    };
+    assert!(text.contains(&format!(r#""data":{payload}"#)), "payload changed on the way: {text}");
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+}
