@@ -319,6 +319,11 @@ fn sigkill_mid_stream_loses_no_acknowledged_message_and_delivery_resumes_in_orde
     crash_mid_stream("batch");
 }
 
+#[test]
+fn sigkill_under_durability_always_loses_no_acknowledged_message() {
+    crash_mid_stream("always");
+}
+
 /// `none` acknowledges before any fdatasync: a process crash still loses nothing (the page
 /// cache survives it; only a machine crash can take the last writes).
 #[test]
