@@ -2,7 +2,7 @@
 # Built-in queue figures: enqueue → invoke throughput and latency, in memory and with the file
 # store under `durability: batch`, harness and engine on this machine (one shard).
 # Usage: loadtest/queue.sh   (ENGINE / LT: binaries to use; default the release builds, built
-# here). Each run is bounded: about 40 s in all.
+# here). Each run is bounded: about a minute in all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${ENGINE:-}" ] || [ -z "${LT:-}" ]; then
@@ -42,7 +42,7 @@ stop() { kill -INT $PID; wait $PID || true; PID=; }
 echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB"
 # A fresh engine for every run: what one run leaves queued must not reach the next one's consumer.
 for store in memory batch; do
-  for run in "wide 0" "ordered 0" "wide 1000"; do
+  for run in "wide 0" "ordered 0" "wide 1000" "ordered 500"; do
     set -- $run
     case $store in
       memory) start "" ;;

@@ -219,6 +219,34 @@ fn a_message_whose_function_never_gets_a_worker_is_dead_lettered_after_the_age_l
 }
 
 #[test]
+fn a_delivery_without_result_within_the_timeout_is_a_failed_attempt_and_is_retried() {
+    let port = free_port();
+    let queues = queue_block("        slow: {concurrency: 1, max_retries: 2, backoff_ms: 10, delivery_timeout_ms: 200}\n");
+    let engine = Engine::start_full(&format!("metrics: 127.0.0.1:{port}\n"), "", &queues, &[]);
+    let mut consumer = Worker::connect(&engine);
+    consumer.register_function("jobs::hangs");
+    let mut producer = Worker::connect(&engine);
+    enqueue(&mut producer, "slow", "jobs::hangs", json!({"n": 1}));
+    let first = consumer.recv_type("invokefunction");
+    let started = Instant::now();
+    // Not answered: given up after the timeout and delivered again.
+    let second = consumer.recv_type("invokefunction");
+    assert!(started.elapsed() >= Duration::from_millis(190), "retried after {:?}", started.elapsed());
+    assert_eq!(second["data"], json!({"n": 1}));
+    assert_ne!(second["invocation_id"], first["invocation_id"]);
+    // The given-up call left no pending invocation behind: only the second one waits.
+    let in_flight = || http_get(port, "/metrics", Duration::from_secs(2)).unwrap_or_default();
+    assert!(in_flight().lines().any(|l| l == "ringcast_invocations_in_flight 1"), "{}", in_flight());
+    // The late answer to the first delivery is dropped; the second one's counts.
+    consumer.answer(&first, json!("late"));
+    consumer.answer(&second, json!("ok"));
+    wait_until(Duration::from_secs(5), "the queue to empty", || topic(&mut producer, "slow")["depth"] == 0);
+    assert!(dead_letters(&mut producer, "slow").is_empty());
+    consumer.assert_quiet();
+    assert!(in_flight().lines().any(|l| l == "ringcast_invocations_in_flight 0"), "{}", in_flight());
+}
+
+#[test]
 fn a_provider_worker_of_engine_queue_enqueue_takes_precedence() {
     let engine = start("        q: {}\n");
     let mut provider = Worker::connect(&engine);
@@ -288,8 +316,24 @@ fn durable_config(dir: &Path, durability: &str) -> String {
 
 #[test]
 fn sigkill_mid_stream_loses_no_acknowledged_message_and_delivery_resumes_in_order() {
+    crash_mid_stream("batch");
+}
+
+#[test]
+fn sigkill_under_durability_always_loses_no_acknowledged_message() {
+    crash_mid_stream("always");
+}
+
+/// `none` acknowledges before any fdatasync: a process crash still loses nothing (the page
+/// cache survives it; only a machine crash can take the last writes).
+#[test]
+fn sigkill_under_durability_none_loses_no_acknowledged_message() {
+    crash_mid_stream("none");
+}
+
+fn crash_mid_stream(durability: &str) {
     let dir = scratch_dir();
-    let mut engine = Engine::start_with("", &durable_config(&dir, "batch"), &[]);
+    let mut engine = Engine::start_with("", &durable_config(&dir, durability), &[]);
     let mut consumer = Worker::connect(&engine);
     consumer.register_function("jobs::crash");
     let mut producer = Worker::connect(&engine);
@@ -318,7 +362,7 @@ fn sigkill_mid_stream_loses_no_acknowledged_message_and_delivery_resumes_in_orde
     engine.child.wait().unwrap();
     drop((producer, consumer));
     // Same directory: every acknowledged message not yet answered comes back, in order.
-    let engine = Engine::start_with("", &durable_config(&dir, "batch"), &[]);
+    let engine = Engine::start_with("", &durable_config(&dir, durability), &[]);
     let mut consumer = Worker::connect(&engine);
     consumer.register_function("jobs::crash");
     let missing = |delivered: &BTreeSet<u64>| acked.iter().filter(|n| !delivered.contains(n)).count();
@@ -406,6 +450,31 @@ fn queued_and_dead_messages_follow_their_queues_to_new_shards_when_the_shard_cou
         assert!(got.insert((call["data"]["q"].as_u64().unwrap(), call["data"]["dead"].as_bool().unwrap())), "twice: {call}");
         consumer.answer(&call, json!(null));
     }
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn awkward_payloads_are_stored_and_delivered_byte_identical() {
+    let dir = scratch_dir();
+    let engine = Engine::start_with("", &durable_config(&dir, "batch"), &[]);
+    let mut consumer = Worker::connect(&engine);
+    consumer.register_function("jobs::raw");
+    let mut producer = Worker::connect(&engine);
+    let payload = r#"{"big":123456789012345678901234567890,"huge":1e999,"neg":-0,"s":"\ud83d\ude00 \u0000"}"#;
+    let id = uuid();
+    producer.send_raw(tungstenite::Message::text(format!(
+        r#"{{"type":"invokefunction","invocation_id":"{id}","function_id":"jobs::raw","data":{payload},"action":{{"type":"enqueue","queue":"crash"}}}}"#
+    )));
+    let receipt = producer.recv_type("invocationresult");
+    assert!(receipt["result"]["messageReceiptId"].is_string(), "{receipt}");
+    let text = loop {
+        match consumer.ws.read().expect("a delivery") {
+            tungstenite::Message::Text(text) if text.contains("invokefunction") => break text.to_string(),
+            _ => continue,
+        }
+    };
+    assert!(text.contains(&format!(r#""data":{payload}"#)), "payload changed on the way: {text}");
     drop(engine);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -485,6 +485,17 @@ mod tests {
     }
 
     #[test]
+    fn consume_reply_answers_and_reads_the_send_time() {
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        let delivery = br#"{"type":"invokefunction","invocation_id":"0f8a3c62-3a3e-4a57-b2b6-8d1a2a0b1f77","function_id":"f","data":{"t":42,"seq":1,"pad":""}}"#;
+        assert_eq!(consume_reply(delivery, &mut out, [0; 4], &mut scratch), Some(Some(42)));
+        assert!(!out.is_empty(), "answered");
+        let probe = br#"{"type":"invokefunction","invocation_id":"0f8a3c62-3a3e-4a57-b2b6-8d1a2a0b1f77","function_id":"f","data":{"probe":true}}"#;
+        assert_eq!(consume_reply(probe, &mut out, [0; 4], &mut scratch), Some(None));
+        assert_eq!(consume_reply(br#"{"type":"pong"}"#, &mut out, [0; 4], &mut scratch), None);
+    }
+
+    #[test]
     fn publish_and_window_seconds() {
         let cfg = CallerCfg {
             inflight: 1,

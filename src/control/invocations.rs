@@ -397,8 +397,8 @@ impl Engine {
                 Err(ErrorBody::new(
                     "enqueue_error",
                     format!(
-                        "cannot enqueue to queue {queue:?}: no queue is configured (ringcast has no built-in queue; \
-                         connect a worker that provides {PROVIDER}, such as the iii queue worker)"
+                        "cannot enqueue to queue {queue:?}: the built-in queue is not running here; \
+                         connect a worker that provides {PROVIDER}, such as the iii queue worker"
                     ),
                 )),
                 None,

@@ -32,6 +32,9 @@ pub struct QueueEntry {
     /// ringcast: how long a message may wait for its function to have a worker before it is
     /// dead-lettered.
     pub max_owner_wait_ms: u64,
+    /// ringcast: a delivery without a result this long counts as a failed attempt
+    /// (`delivery_timeout`); 0 = no limit (as the reference).
+    pub delivery_timeout_ms: u64,
 }
 
 impl Default for QueueEntry {
@@ -45,6 +48,7 @@ impl Default for QueueEntry {
             poll_interval_ms: 100,
             max_backoff_ms: 60_000,
             max_owner_wait_ms: 86_400_000,
+            delivery_timeout_ms: 0,
         }
     }
 }
@@ -129,6 +133,7 @@ fn settings_of(entry: &QueueEntry) -> QueueSettings {
         backoff: Duration::from_millis(entry.backoff_ms),
         max_backoff: Duration::from_millis(entry.max_backoff_ms.max(entry.backoff_ms)),
         max_owner_wait: Duration::from_millis(entry.max_owner_wait_ms),
+        delivery_timeout: (entry.delivery_timeout_ms > 0).then(|| Duration::from_millis(entry.delivery_timeout_ms)),
     }
 }
 

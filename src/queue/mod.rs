@@ -12,6 +12,7 @@ use crate::control::functions::{decode_input, reply_now, BuiltinReply};
 use crate::control::invocations::{Call, Outcome, Reply};
 use crate::control::wire::{ErrorBody, Payload};
 use futures_channel::{mpsc, oneshot};
+use futures_util::future::Either;
 use futures_util::StreamExt;
 use ringcast_shards::queue::{queue_shard, CallOutcome, NewMessage, QueueCall, QueueMsg, QueueSender};
 use serde::Deserialize;
@@ -20,6 +21,7 @@ use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
+use uuid::Uuid;
 
 /// The shards' queue inboxes, as the control core reaches them.
 pub struct QueueService {
@@ -99,7 +101,7 @@ fn call_outcome(outcome: Outcome) -> CallOutcome {
 pub async fn serve_calls(engine: Rc<RefCell<Engine>>, calls: mpsc::UnboundedReceiver<QueueCall>) {
     let mut calls = calls;
     while let Some(call) = calls.next().await {
-        let QueueCall { queue: _, namespace, function_id, data, traceparent, baggage, reply } = call;
+        let QueueCall { queue: _, namespace, function_id, data, traceparent, baggage, timeout, reply } = call;
         let data = match RawValue::from_string(data.to_string()) {
             Ok(raw) => Payload::Raw(raw),
             Err(e) => {
@@ -108,10 +110,30 @@ pub async fn serve_calls(engine: Rc<RefCell<Engine>>, calls: mpsc::UnboundedRece
             }
         };
         let (tx, rx) = oneshot::channel();
-        let call = Call { namespace, function_id, data, metadata: None, traceparent, baggage, forward_id: None };
+        // Our own id for the hop to the worker, so a delivery given up can be dropped by id.
+        let id = Uuid::new_v4();
+        let call = Call { namespace, function_id, data, metadata: None, traceparent, baggage, forward_id: Some(id) };
         engine.borrow_mut().invoke(call, Reply::Internal(tx));
+        let weak = Rc::downgrade(&engine);
         ringcast_shards::runtime::spawn_deferred(async move {
-            let outcome = rx.await.map_or(CallOutcome::Shutdown, call_outcome);
+            let outcome = match timeout {
+                None => rx.await.map_or(CallOutcome::Shutdown, call_outcome),
+                Some(limit) => {
+                    let timer = glommio::timer::sleep(limit);
+                    futures_util::pin_mut!(timer);
+                    match futures_util::future::select(rx, timer).await {
+                        Either::Left((result, _)) => result.map_or(CallOutcome::Shutdown, call_outcome),
+                        Either::Right(_) => {
+                            // The worker's late result, if any, is dropped as unknown.
+                            if let Some(engine) = weak.upgrade() {
+                                engine.borrow_mut().abandon_invocation(id);
+                            }
+                            let ms = limit.as_millis();
+                            CallOutcome::Failed("delivery_timeout".into(), format!("no result within {ms} ms (delivery_timeout_ms)"))
+                        }
+                    }
+                }
+            };
             let _ = reply.send(outcome);
         });
     }

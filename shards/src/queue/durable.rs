@@ -146,8 +146,7 @@ impl QueueStore {
     }
 
     fn put(&mut self, queue: &str, group: &str, record: &Record) -> Result<(), StoreError> {
-        let text = record.encode().map_err(|e| StoreError::Io { dir: self.store.dir().to_owned(), source: std::io::Error::other(e) })?;
-        self.store.set(queue, group, &record.id, text.into())?;
+        self.store.set(queue, group, &record.id, record.encode().into())?;
         Ok(())
     }
 

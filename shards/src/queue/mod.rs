@@ -44,6 +44,8 @@ pub struct QueueSettings {
     pub max_backoff: Duration,
     /// How long a message may wait for its function to have a worker before it is dead-lettered.
     pub max_owner_wait: Duration,
+    /// A delivery without a result this long counts as a failed attempt; `None`: no limit.
+    pub delivery_timeout: Option<Duration>,
 }
 
 impl Default for QueueSettings {
@@ -54,6 +56,7 @@ impl Default for QueueSettings {
             backoff: Duration::from_millis(1000),
             max_backoff: Duration::from_secs(60),
             max_owner_wait: Duration::from_secs(24 * 3600),
+            delivery_timeout: None,
         }
     }
 }
@@ -164,6 +167,8 @@ pub struct QueueCall {
     pub data: Arc<str>,
     pub traceparent: Option<String>,
     pub baggage: Option<String>,
+    /// Give the call up after this long (answered as a failed attempt, `delivery_timeout`).
+    pub timeout: Option<Duration>,
     pub reply: oneshot::Sender<CallOutcome>,
 }
 

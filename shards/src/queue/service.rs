@@ -192,8 +192,8 @@ impl Service {
                     Some(q) => {
                         let before = q.bytes();
                         let (n, ops) = q.discard(&id);
-                        let freed = before - q.bytes();
-                        self.bytes -= freed;
+                        let freed = before.saturating_sub(q.bytes());
+                        self.bytes = self.bytes.saturating_sub(freed);
                         self.write(&queue, &ops).map(|()| n)
                     }
                 };
@@ -335,7 +335,7 @@ impl Service {
                 Err(e) => {
                     let before = q.bytes();
                     q.forget(seq);
-                    self.bytes -= before - q.bytes();
+                    self.bytes = self.bytes.saturating_sub(before.saturating_sub(q.bytes()));
                     let _ = reply.send(Err(format!("the message could not be made durable: the queue store failed ({e}); restart the engine")));
                 }
             }
@@ -378,6 +378,7 @@ impl Service {
     /// Asks the control core to run one delivery; its outcome comes back to `settle`.
     fn deliver(&mut self, queue: &str, d: Dispatch) {
         let (tx, rx) = oneshot::channel();
+        let timeout = self.queues.get(queue).and_then(|q| q.settings.delivery_timeout);
         let call = QueueCall {
             queue: queue.to_owned(),
             namespace: d.namespace,
@@ -385,6 +386,7 @@ impl Service {
             data: d.data,
             traceparent: d.traceparent,
             baggage: d.baggage,
+            timeout,
             reply: tx,
         };
         // If the control core is gone the reply is dropped, which reads as a shutdown.
@@ -408,7 +410,7 @@ impl Service {
         let Some(q) = self.queues.get_mut(name) else { return };
         let before = q.bytes();
         let ops = q.settle(seq, outcome, Instant::now(), now_ms(), probe);
-        self.bytes -= before - q.bytes();
+        self.bytes = self.bytes.saturating_sub(before.saturating_sub(q.bytes()));
         let _ = self.write(name, &ops);
         self.pump(name);
         self.retire_if_empty(name);
