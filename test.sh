@@ -34,3 +34,6 @@ bash tests/sdk/node/run.sh
 
 echo "== Python SDK suite (PyPI iii-sdk 0.25.0) =="
 bash tests/sdk/python/run.sh
+
+echo "== real browser: headless Chromium as a worker on the RBAC port (Debian chromium, npm playwright-core) =="
+bash tests/browser/run.sh

@@ -44,6 +44,8 @@ enum StartError {
     Signal(std::io::Error),
     #[error("cannot start a watcher thread: {0}")]
     Watcher(std::io::Error),
+    #[error(transparent)]
+    Channels(#[from] crate::channels::StartError),
     /// The `redis` adapter's server does not answer at start-up.
     #[error("iii-stream: adapter redis: cannot reach redis at {address} ({why}); start Redis or fix redis_url")]
     Redis { address: String, why: String },
@@ -141,6 +143,9 @@ fn watch<T: Send + 'static>(
         .map_err(StartError::Watcher)
 }
 
+/// Executors besides the control core and the shards: `ringcast-channels`.
+const CHANNEL_EXECUTORS: usize = 1;
+
 const BIND_RETRIES: u32 = 25;
 const BIND_RETRY_PAUSE: Duration = Duration::from_millis(40);
 
@@ -199,7 +204,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         tracing::warn!("worker {worker} is not supported by ringcast; it will not start");
     }
     let plan = CorePlan::new(&runtime::allowed_cpus(), cli.shards, cli.control_core)?;
-    let io_memory = runtime::io_memory_per_executor(plan.executor_count(), runtime::memlock_limit())?;
+    let io_memory = runtime::io_memory_per_executor(plan.executor_count() + CHANNEL_EXECUTORS, runtime::memlock_limit())?;
 
     // Metrics first: once the worker port answers, /metrics does too.
     let metrics = crate::metrics::Metrics::new(plan.shard_cpus.len());
@@ -224,7 +229,16 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     }
 
     let wm = &config.worker_manager;
+    // Started here, on an unpinned thread, so that its threads are not pinned to the control core.
+    let telemetry = crate::telemetry::Telemetry::start(&wm.telemetry, metrics.clone());
     let (worker_fd, worker_addr) = bind(&wm.host, wm.port, "iii-worker-manager", false)?;
+    let mut extra_listeners = Vec::new();
+    for extra in &config.extra_worker_managers {
+        let (fd, addr) = bind(&extra.host, extra.port, "iii-worker-manager", false)?;
+        let access = if extra.rbac.is_some() { "with rbac" } else { "without rbac" };
+        tracing::info!("extra worker listener on ws://{addr}/ ({access})");
+        extra_listeners.push((fd, extra.clone()));
+    }
     // One SO_REUSEPORT listener per shard on the stream port: the kernel spreads subscribers.
     let mut stream_fds = Vec::new();
     let mut stream_addr = None;
@@ -240,27 +254,50 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         }
     }
 
+    // The built-in queue: on every shard, durable beside a file-based stream store.
+    let queue_settings = Arc::new(crate::queue::config::module_settings(&config.queue, config.stream.as_ref()));
+    ringcast_shards::queue::prepare(&queue_settings, plan.shard_cpus.len())?;
+    if queue_settings.store.is_none() {
+        tracing::debug!("built-in queue: messages are kept in memory (lost on restart); a file_based iii-stream store makes them durable");
+    }
+
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, shutdown.clone())
             .map_err(StartError::Signal)?;
     }
 
+    // The channels executor: channel sockets and buffers, off the control core.
+    let (channels, channels_core) =
+        crate::channels::start(wm, metrics.channels.clone(), shutdown.clone(), io_memory)?;
+
     let shard_count = plan.shard_cpus.len();
     let (shard_senders, shard_inboxes): (Vec<_>, Vec<_>) =
         (0..shard_count).map(|_| futures_channel::mpsc::unbounded()).unzip();
     let (control_requests_tx, control_requests_rx) = futures_channel::mpsc::unbounded();
+    let (queue_senders, queue_inboxes): (Vec<_>, Vec<_>) = (0..shard_count).map(|_| futures_channel::mpsc::unbounded()).unzip();
+    let (queue_calls_tx, queue_calls_rx) = futures_channel::mpsc::unbounded();
     let control_config = wm.clone();
     let control_flag = shutdown.clone();
     let control_metrics = metrics.clone();
-    let streams = config.stream.as_ref().map(|_| (StreamService { shards: shard_senders.clone() }, control_requests_rx));
+    let streams = config.stream.as_ref().map(|_| (StreamService::new(shard_senders.clone()), control_requests_rx));
     // The control core starts empty: the engine's own functions always, the stream functions
     // when `iii-stream` is configured, with the task that serves the shards' requests.
     // The shards' requests are served only once the borrow is released: glommio may poll a new
     // task at once, and a join can already be waiting (the stream port is bound before the
     // control core starts).
+    // The HTTP function threads start here, not on the control core, so that they are not
+    // pinned to its CPU.
+    let http_functions = crate::http_functions::HttpService::start(&config.http_functions, metrics.http_functions.clone());
     let install = move |engine: &Rc<RefCell<control::engine::Engine>>| {
+        engine.borrow_mut().set_telemetry(telemetry);
         control::builtins::install(&mut engine.borrow_mut());
+        if let Some(service) = http_functions {
+            engine.borrow_mut().install_http_functions(service);
+        }
+        crate::channels::install(&mut engine.borrow_mut(), channels);
+        crate::queue::install(&mut engine.borrow_mut(), crate::queue::QueueService::new(queue_senders));
+        glommio::spawn_local(crate::queue::serve_calls(engine.clone(), queue_calls_rx)).detach();
         if let Some((service, requests)) = streams {
             stream::functions::install(&mut engine.borrow_mut(), service);
             glommio::spawn_local(stream::functions::serve_shard_requests(engine.clone(), requests)).detach();
@@ -271,12 +308,18 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         std::time::Duration::from_micros(micros)
     };
     let control = runtime::spawn_pinned("ringcast-control", plan.control_cpu, io_memory, spin_on(plan.control_cpu), move || {
-        control::run(worker_fd, control_config, control_metrics, control_flag, install)
+        control::run(worker_fd, control_config, extra_listeners, control_metrics, control_flag, install)
     })?;
 
     let mut shards = Vec::new();
     let mut stream_fds = stream_fds.into_iter();
-    for ((index, cpu), inbox) in plan.shard_cpus.iter().enumerate().zip(shard_inboxes) {
+    for (((index, cpu), inbox), queue_inbox) in plan.shard_cpus.iter().enumerate().zip(shard_inboxes).zip(queue_inboxes) {
+        let queue_ctx = ringcast_shards::queue::QueueContext {
+            index,
+            settings: queue_settings.clone(),
+            control: queue_calls_tx.clone(),
+            metrics: metrics.queues.clone(),
+        };
         let flag = shutdown.clone();
         let stream_config = shard_config.clone();
         let listener = stream_fds.next();
@@ -284,6 +327,7 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         let control_tx = control_requests_tx.clone();
         let metrics = metrics.clone();
         let handle = runtime::spawn_pinned(&format!("ringcast-shard-{index}"), *cpu, io_memory, spin_on(*cpu), move || async move {
+            ringcast_shards::queue::start(queue_ctx, queue_inbox)?;
             match (stream_config, listener) {
                 (Some(config), Some(listener)) => {
                     let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config, metrics: metrics.shards.clone() };
@@ -321,8 +365,9 @@ fn start(cli: &Cli) -> Result<(), StartError> {
     // opened, an unexpected return) ends the process, instead of leaving the other cores
     // serving while every call for the dead one hangs.
     let (ends_tx, ends) = std::sync::mpsc::channel();
-    let cores = 1 + shards.len();
+    let cores = 1 + CHANNEL_EXECUTORS + shards.len();
     let watched = std::iter::once(watch("ringcast-control".into(), control, ends_tx.clone(), |()| CoreEnd::Done))
+        .chain(std::iter::once(watch("ringcast-channels".into(), channels_core, ends_tx.clone(), |()| CoreEnd::Done)))
         .chain(shards.into_iter().map(|(name, h)| {
             watch(name, h, ends_tx.clone(), |r: Result<(), StoreStartError>| r.map_or_else(CoreEnd::StartFailed, |()| CoreEnd::Done))
         }))

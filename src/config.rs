@@ -75,6 +75,14 @@ pub struct EngineConfig {
     pub unsupported_workers: Vec<String>,
     /// Address of the `/metrics` and `/healthz` endpoint; `None` = off (`metrics: false`).
     pub metrics: Option<String>,
+    /// `iii-http-functions`: HTTP-invoked functions (on by default, loopback destinations only).
+    pub http_functions: crate::http_functions::HttpFunctionsConfig,
+    /// Further `iii-worker-manager` entries: extra listeners of the same engine (typically
+    /// port 49135 with an `rbac` block for browsers and other untrusted workers).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra_worker_managers: Vec<WorkerManagerConfig>,
+    /// `iii-queue`: the built-in queue behind `TriggerAction.Enqueue` (defaults when absent).
+    pub queue: crate::queue::config::QueueModuleConfig,
 }
 
 /// Where `/metrics` is served unless the config says otherwise.
@@ -111,6 +119,29 @@ pub struct WorkerManagerConfig {
     /// (1001 `ping timeout`); 0 turns pings off.
     #[serde(default = "default_worker_ping_timeout_ms")]
     pub ping_timeout_ms: u64,
+    /// Worker telemetry (`/otel`): queue, log line length, optional OTLP collector.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
+    /// Authentication and access control for this listener (see `control::rbac`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbac: Option<crate::control::rbac::RbacConfig>,
+    /// Both ends of a channel must connect within this time of its creation; a channel whose
+    /// peer never came is reclaimed and the end that did connect is closed (4001).
+    #[serde(default = "crate::channels::default_connect_timeout_ms")]
+    pub channel_connect_timeout_ms: u64,
+    /// Channels that may exist at once; `engine::channels::create` beyond it is refused.
+    #[serde(default = "crate::channels::default_max_channels")]
+    pub max_channels: usize,
+    /// Frames a channel buffers when the create call names no `buffer_size`.
+    #[serde(default = "crate::channels::default_buffer_size")]
+    pub channel_default_buffer_size: usize,
+    /// Largest `buffer_size` (frames) a create call gets; larger requests are capped.
+    #[serde(default = "crate::channels::max_buffer_size")]
+    pub channel_max_buffer_size: usize,
+    /// Bytes one channel buffers between its writer and its reader, whatever its `buffer_size`
+    /// (one frame of any size fits an empty buffer).
+    #[serde(default = "crate::channels::default_max_buffer_bytes")]
+    pub channel_max_buffer_bytes: usize,
 }
 
 impl Default for WorkerManagerConfig {
@@ -125,6 +156,13 @@ impl Default for WorkerManagerConfig {
             max_outbox_bytes: default_max_outbox_bytes(),
             ping_interval_ms: default_worker_ping_interval_ms(),
             ping_timeout_ms: default_worker_ping_timeout_ms(),
+            telemetry: Default::default(),
+            rbac: None,
+            channel_connect_timeout_ms: crate::channels::default_connect_timeout_ms(),
+            max_channels: crate::channels::default_max_channels(),
+            channel_default_buffer_size: crate::channels::default_buffer_size(),
+            channel_max_buffer_size: crate::channels::max_buffer_size(),
+            channel_max_buffer_bytes: crate::channels::default_max_buffer_bytes(),
         }
     }
 }
@@ -550,7 +588,11 @@ struct RawWorker {
 
 /// Keys of the reference's `iii-worker-manager` that ringcast deliberately does not implement;
 /// named in the error so users know it is not a typo.
-const UNSUPPORTED_WORKER_MANAGER_KEYS: &[&str] = &["rbac", "middleware_function_id"];
+const UNSUPPORTED_WORKER_MANAGER_KEYS: &[&str] = &["middleware_function_id"];
+
+/// ringcast settings of `iii-worker-manager` that apply to the whole engine: read from the first
+/// entry, refused on the others (where they would do nothing).
+const ENGINE_WIDE_WORKER_MANAGER_KEYS: &[&str] = &["invocation_timeout_ms", "max_json_depth"];
 
 /// Reads and parses a config file from disk.
 pub fn load(path: &Path) -> Result<EngineConfig, ConfigError> {
@@ -570,31 +612,81 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
     })?;
 
     let mut worker_manager: Option<WorkerManagerConfig> = None;
+    let mut extra_worker_managers = Vec::new();
     let mut stream: Option<StreamConfig> = None;
     let mut unsupported_workers = Vec::new();
+    let mut http_functions = crate::http_functions::HttpFunctionsConfig::default();
+    let mut queue = crate::queue::config::QueueModuleConfig::default();
     for worker in raw.workers.into_iter().chain(raw.modules) {
         let config = worker.config.unwrap_or(serde_yaml::Value::Null);
         let section = format!("worker {}", worker.name);
         match worker.name.as_str() {
             "iii-worker-manager" => {
-                if worker_manager.is_some() {
-                    unsupported_workers.push(format!(
-                        "{} (a second listener; ringcast serves one worker port)",
-                        worker.name
-                    ));
-                    continue;
-                }
                 if let serde_yaml::Value::Mapping(map) = &config {
                     if let Some(key) = UNSUPPORTED_WORKER_MANAGER_KEYS.iter().find(|key| map.contains_key(**key)) {
                         return Err(ConfigError::UnsupportedKey { origin: origin.to_owned(), key });
                     }
                 }
-                worker_manager = Some(decode_section(&config, &section, origin)?);
+                let parsed: WorkerManagerConfig = decode_section(&config, &section, origin)?;
+                parsed.telemetry.validate().map_err(|(key, message)| ConfigError::InvalidValue {
+                    origin: origin.to_owned(),
+                    section: section.clone(),
+                    key: Some(format!("telemetry.{key}")),
+                    message,
+                })?;
+                if let (Some(_), serde_yaml::Value::Mapping(map)) = (&worker_manager, &config) {
+                    if let Some(key) = ENGINE_WIDE_WORKER_MANAGER_KEYS.iter().find(|key| map.contains_key(**key)) {
+                        return Err(ConfigError::InvalidValue {
+                            origin: origin.to_owned(),
+                            section,
+                            key: Some((*key).to_owned()),
+                            message: "applies to the whole engine: set it on the first iii-worker-manager entry".into(),
+                        });
+                    }
+                }
+                // The first entry is the engine's port; later ones are extra listeners.
+                let taken = worker_manager.iter().chain(&extra_worker_managers).any(|w| w.port == parsed.port && parsed.port != 0);
+                if taken {
+                    return Err(ConfigError::InvalidValue {
+                        origin: origin.to_owned(),
+                        section,
+                        key: Some("port".into()),
+                        message: format!("port {} is already used by another iii-worker-manager entry; give each listener its own port", parsed.port),
+                    });
+                }
+                match worker_manager {
+                    None => worker_manager = Some(parsed),
+                    Some(_) => extra_worker_managers.push(parsed),
+                }
             }
             "iii-stream" => {
                 let mut parsed: StreamConfig = decode_section(&config, &section, origin)?;
                 parsed.adapter = parse_adapter(&config, origin)?;
                 stream = Some(parsed);
+            }
+            "iii-http-functions" => {
+                http_functions = decode_section(&config, &section, origin)?;
+                http_functions.validate().map_err(|(key, message)| ConfigError::InvalidValue {
+                    origin: origin.to_owned(),
+                    section: section.clone(),
+                    key: Some(key.to_owned()),
+                    message,
+                })?;
+            }
+            "iii-queue" => {
+                queue = decode_section(&config, &section, origin)?;
+                if queue.adapter.as_ref().is_some_and(|a| a.config.is_some()) {
+                    tracing::info!(
+                        "iii-queue: the adapter's config is accepted and ignored: ringcast keeps queued messages beside \
+                         the iii-stream store (durable when it is file_based, else in memory)"
+                    );
+                }
+                queue.validate().map_err(|message| ConfigError::InvalidValue {
+                    origin: origin.to_owned(),
+                    section: section.clone(),
+                    key: None,
+                    message,
+                })?;
             }
             other => unsupported_workers.push(other.to_string()),
         }
@@ -612,6 +704,9 @@ pub fn parse(text: &str, origin: &str) -> Result<EngineConfig, ConfigError> {
         stream,
         unsupported_workers,
         metrics,
+        http_functions,
+        extra_worker_managers,
+        queue,
     })
 }
 
@@ -757,14 +852,54 @@ mod tests {
     }
 
     #[test]
-    fn rbac_is_refused_explicitly() {
+    fn middleware_is_refused_explicitly() {
         let err = parse(
-            "workers:\n  - name: iii-worker-manager\n    config: {rbac: {}}\n",
+            "workers:\n  - name: iii-worker-manager\n    config: {middleware_function_id: m::w}\n",
             "t",
         )
         .unwrap_err();
-        assert!(matches!(err, ConfigError::UnsupportedKey { key: "rbac", .. }), "{err:?}");
+        assert!(matches!(err, ConfigError::UnsupportedKey { key: "middleware_function_id", .. }), "{err:?}");
         assert!(err.to_string().contains("not supported"), "{err}");
+    }
+
+    #[test]
+    fn a_second_worker_manager_is_an_extra_listener_with_its_rbac_block() {
+        let config = parse(
+            "workers:\n  - name: iii-worker-manager\n    config: {port: 49134}\n  - name: iii-worker-manager\n    config:\n      port: 49135\n      rbac:\n        auth_function_id: app::auth\n        expose_functions:\n          - match(\"api::*\")\n          - metadata: {public: true}\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.worker_manager.port, 49134);
+        assert!(config.worker_manager.rbac.is_none());
+        assert!(config.unsupported_workers.is_empty());
+        let [extra] = config.extra_worker_managers.as_slice() else { panic!("one extra listener") };
+        assert_eq!(extra.port, 49135);
+        let rbac = extra.rbac.as_ref().expect("the rbac block");
+        assert_eq!(rbac.auth_function_id.as_deref(), Some("app::auth"));
+        assert_eq!(rbac.expose_functions.len(), 2);
+        // check-config prints it back in the form it was written.
+        let printed = serde_yaml::to_string(&config).unwrap();
+        assert!(printed.contains("match(\"api::*\")"), "{printed}");
+    }
+
+    #[test]
+    fn two_worker_managers_on_one_port_and_bad_rbac_blocks_are_refused() {
+        let err = parse(
+            "workers:\n  - name: iii-worker-manager\n    config: {port: 5}\n  - name: iii-worker-manager\n    config: {port: 5}\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(matches!(&err, ConfigError::InvalidValue { key: Some(k), .. } if k == "port"), "{err:?}");
+        let err = parse(
+            "workers:\n  - name: iii-worker-manager\n  - name: iii-worker-manager\n    config: {port: 6, invocation_timeout_ms: 5}\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("invocation_timeout_ms: applies to the whole engine"), "{err}");
+        let err = parse("workers:\n  - name: iii-worker-manager\n    config: {rbac: {auth_fn: x}}\n", "t").unwrap_err();
+        assert!(err.to_string().contains("auth_fn"), "{err}");
+        let err = parse("workers:\n  - name: iii-worker-manager\n    config: {rbac: {expose_functions: [\"api::*\"]}}\n", "t").unwrap_err();
+        assert!(err.to_string().contains("match(\"pattern\")"), "{err}");
     }
 
     #[test]

@@ -177,3 +177,90 @@ fn listing(store: &ringcast_storage::file::FileStore) -> Listing {
     }
     out
 }
+
+/// One worker log line as the telemetry decoder renders it.
+#[derive(Debug)]
+pub struct TelemetryLine {
+    pub message: String,
+    pub data: Option<String>,
+    pub trace_id: Option<String>,
+}
+
+/// What the telemetry thread made of one frame (prefix included).
+#[derive(Debug)]
+pub enum TelemetryFrame {
+    /// No `OTLP`/`MTRC`/`LOGS` prefix.
+    NotTelemetry,
+    /// Counted as malformed and ignored.
+    Malformed,
+    /// Spans or metrics, counted.
+    Counted(usize),
+    Logs(Vec<TelemetryLine>),
+}
+
+/// A telemetry frame through `telemetry::otlp` (`split_prefix`, `decode`) with this line limit.
+pub fn telemetry_frame(frame: &[u8], max_line_bytes: usize) -> TelemetryFrame {
+    use crate::telemetry::otlp::{decode, split_prefix, Decoded};
+    let Some((kind, payload)) = split_prefix(frame) else { return TelemetryFrame::NotTelemetry };
+    match decode(kind, payload, max_line_bytes) {
+        Err(_) => TelemetryFrame::Malformed,
+        Ok(Decoded::Traces { spans }) => TelemetryFrame::Counted(spans),
+        Ok(Decoded::Metrics { metrics }) => TelemetryFrame::Counted(metrics),
+        Ok(Decoded::Logs(lines)) => TelemetryFrame::Logs(
+            lines
+                .into_iter()
+                .map(|l| TelemetryLine { message: l.message, data: l.data, trace_id: l.trace_id })
+                .collect(),
+        ),
+    }
+}
+
+/// An HTTP function's answer (status and complete body) as the call's outcome:
+/// `Ok(result)` or `Err(code)`.
+pub fn http_function_answer(status: u16, body: &[u8]) -> Result<Option<serde_json::Value>, String> {
+    crate::http_functions::client::outcome_of(status, body).map_err(|e| e.code)
+}
+
+/// A worker's `invocation` object (`registerfunction`), checked as at registration against
+/// `allowed_networks` = loopback, with `env` standing for the engine's environment: the scheme
+/// of the URL it would call, or the error code its calls would answer.
+pub fn http_function_registration(invocation: &[u8], env: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let value: serde_json::Value = serde_json::from_slice(invocation).map_err(|_| "not JSON".to_string())?;
+    let config = crate::http_functions::HttpFunctionsConfig::default();
+    crate::http_functions::client::Endpoint::from_registration(value, &config.networks(), &config, env)
+        .map_err(|e| e.code)
+        .and_then(|e| url::Url::parse(e.url()).map(|u| u.scheme().to_string()).map_err(|e| format!("accepted an unparsable URL: {e}")))
+}
+
+/// `*` glob matching of an RBAC listener (`match("…")` rules against function ids and
+/// metadata values sent by untrusted workers).
+pub fn rbac_glob(pattern: &str, value: &str) -> bool {
+    crate::control::rbac::Glob::new(pattern).matches(value)
+}
+
+/// One `expose_functions` rule as the config reader takes it (here from JSON): `None` when it is
+/// refused; otherwise whether it exposes `function_id` in `namespace` with `metadata`, and the
+/// rule read back from its own serialisation (it must be the same rule).
+pub fn rbac_rule(
+    rule: &[u8],
+    function_id: &str,
+    namespace: &str,
+    metadata: Option<&serde_json::Value>,
+) -> Option<(bool, bool)> {
+    use crate::control::rbac::ExposeRule;
+    let parsed: ExposeRule = serde_json::from_slice(rule).ok()?;
+    let exposed = parsed.exposes(function_id, namespace, metadata);
+    let again = serde_json::to_vec(&parsed).ok().and_then(|text| serde_json::from_slice::<ExposeRule>(&text).ok());
+    Some((exposed, again.as_ref() == Some(&parsed)))
+}
+
+/// The channel endpoint's request target (`/ws/channels/{id}?key=…&dir=…`), as the channels
+/// executor parses it during the upgrade.
+pub fn channel_request(target: &str) -> Result<crate::channels::request::ChannelRequest, crate::channels::request::RequestError> {
+    crate::channels::request::parse(target)
+}
+
+/// The worker port's look at a connection's first bytes: a channel request or not, or undecided.
+pub fn channel_request_line(first_bytes: &[u8]) -> crate::channels::request::Peeked {
+    crate::channels::request::classify(first_bytes)
+}

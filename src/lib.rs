@@ -4,14 +4,18 @@
 //! modules directly.
 
 pub mod boot;
+pub mod channels;
 pub mod cli;
 pub mod config;
 pub mod control;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http_functions;
 pub mod metrics;
+pub mod queue;
 pub mod shard_config;
 pub mod stream;
+pub mod telemetry;
 
 /// Exit code for "could not start": bad config, port in use, locked-memory limit.
 pub const EXIT_START_FAILED: i32 = 2;

@@ -26,11 +26,29 @@ pub struct Metrics {
     pub control: ControlMetrics,
     /// Counters of each shard, by index (the shards update them).
     pub shards: AllShardMetrics,
+    /// Worker telemetry frames (`/otel`).
+    pub telemetry: crate::telemetry::TelemetryMetrics,
+    /// HTTP-invoked functions (`ringcast_http_function_*`).
+    pub http_functions: Arc<crate::http_functions::HttpFunctionMetrics>,
+    /// Counters of the RBAC listeners (`ringcast_rbac_*`).
+    pub rbac: crate::control::rbac::RbacMetrics,
+    /// Counters of the channels executor.
+    pub channels: Arc<crate::channels::ChannelMetrics>,
+    /// Counters of each queue of the built-in queue (its shard updates them).
+    pub queues: Arc<ringcast_shards::queue::QueueMetrics>,
 }
 
 impl Metrics {
     pub fn new(shards: usize) -> Arc<Metrics> {
-        Arc::new(Metrics { control: ControlMetrics::default(), shards: ringcast_shards::metrics::for_shards(shards) })
+        Arc::new(Metrics {
+            control: ControlMetrics::default(),
+            shards: ringcast_shards::metrics::for_shards(shards),
+            telemetry: Default::default(),
+            http_functions: Arc::default(),
+            rbac: Default::default(),
+            channels: Default::default(),
+            queues: Arc::default(),
+        })
     }
 
     /// The Prometheus text exposition of every counter.
@@ -72,6 +90,11 @@ impl Metrics {
         for (i, shard) in self.shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", shard.queued_bytes.load(Ordering::Relaxed));
         }
+        self.telemetry.render(&mut out);
+        self.http_functions.render(&mut out);
+        self.rbac.render(&mut out);
+        self.channels.render(&mut out);
+        self.queues.render(&mut out);
         out
     }
 }

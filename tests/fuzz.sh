@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
 SECONDS_PER_TARGET="${FUZZ_SECONDS:-10}"
-TARGETS=(worker_frame subscriber_frame upgrade_request update_ops config store_recovery redis_reply redis_message)
+TARGETS=(worker_frame subscriber_frame upgrade_request update_ops config store_recovery telemetry_frame http_function rbac_rules channel_request redis_reply redis_message)
 # -s none: the engine's unsafe code is memory maps and syscalls, where AddressSanitizer sees
 # nothing a segfault would not show; without it the build takes a fraction of the time.
 # -a: debug assertions (and, with the profile in fuzz/Cargo.toml, overflow checks) stay on.

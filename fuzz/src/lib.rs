@@ -6,7 +6,7 @@
 mod update_model;
 
 use bytes::BytesMut;
-use ringcast::fuzzing::{self, UpgradeOutcome, WorkerFrame};
+use ringcast::fuzzing::{self, TelemetryFrame, UpgradeOutcome, WorkerFrame};
 use ringcast_shards::wsframe::{self, ClientFrame, FrameError};
 
 pub use update_model::update_ops;
@@ -117,6 +117,27 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// HTTP-invoked functions: a registration's `invocation` object (after the first byte) and an
+/// answer (status from the first two bytes, body after them) never panic; a 2xx without a body
+/// is a success without a result, a status of 400 or more an error; a registration that passes
+/// calls an http(s) URL.
+pub fn http_function(data: &[u8]) {
+    let env = |key: &str| (key.len() % 2 == 0).then(|| format!("secret-{key}"));
+    match fuzzing::http_function_registration(data.get(1..).unwrap_or_default(), env) {
+        Ok(scheme) => assert!(scheme == "http" || scheme == "https", "accepted a {scheme:?} URL"),
+        Err(code) => assert!(!code.starts_with("accepted"), "{code}"),
+    }
+    let Some((head, body)) = data.split_first_chunk::<2>() else { return };
+    let status = u16::from_be_bytes(*head) % 600;
+    let outcome = fuzzing::http_function_answer(status, body);
+    if (200..300).contains(&status) && body.is_empty() {
+        assert_eq!(outcome, Ok(None));
+    }
+    if status >= 400 {
+        assert!(outcome.is_err(), "HTTP {status} gave {outcome:?}");
+    }
+}
+
 /// Splits a store_recovery input into segment files.
 pub const SEGMENT_SEPARATOR: &[u8] = b"--seg--";
 /// Most segment files one input makes.
@@ -148,6 +169,64 @@ pub fn split_segments(data: &[u8]) -> Vec<&[u8]> {
     out
 }
 
+/// A worker telemetry frame (`/otel`): the first byte picks the line limit, the rest is the
+/// frame. Besides never panicking: every rendered message and data field keeps at most the limit
+/// (plus the `…[+N bytes]` marker of a cut) and has no control character left (a worker cannot
+/// forge engine log lines), and a trace id is 32 lowercase hex digits.
+pub fn telemetry_frame(data: &[u8]) {
+    let Some((&limit, frame)) = data.split_first() else { return };
+    let limit = usize::from(limit);
+    if let TelemetryFrame::Logs(lines) = fuzzing::telemetry_frame(frame, limit) {
+        for line in lines {
+            check_clipped(&line.message, limit);
+            if let Some(data) = &line.data {
+                check_clipped(data, limit.saturating_sub(line.message.len()));
+            }
+            if let Some(id) = &line.trace_id {
+                assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id:?}");
+            }
+        }
+    }
+    // The same bytes with each prefix: every decoder sees every input.
+    for prefix in [b"OTLP", b"MTRC", b"LOGS"] {
+        let mut prefixed = prefix.to_vec();
+        prefixed.extend_from_slice(frame);
+        assert!(!matches!(fuzzing::telemetry_frame(&prefixed, limit), TelemetryFrame::NotTelemetry));
+    }
+}
+
+fn check_clipped(text: &str, limit: usize) {
+    assert!(!text.chars().any(char::is_control), "control character left in {text:?}");
+    let kept = match text.rfind("…[+") {
+        Some(at) if text.ends_with(" bytes]") => &text[..at],
+        _ => text,
+    };
+    assert!(kept.len() <= limit, "{} bytes kept over a limit of {limit}: {text:?}", kept.len());
+}
+
+/// Longest pattern and value `rbac_rules` compares with its model (the model is quadratic).
+const RBAC_MAX_CHARS: usize = 64;
+
+/// RBAC `expose_functions` rules: `pattern\nvalue\nrule-json`. The glob matcher must agree with
+/// a plain dynamic-programming model of anchored `*` globs; a rule read from any JSON must not
+/// panic when applied, and must read back as itself from its own serialisation.
+pub fn rbac_rules(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.splitn(3, '\n');
+    let pattern: String = lines.next().unwrap_or_default().chars().take(RBAC_MAX_CHARS).collect();
+    let value: String = lines.next().unwrap_or_default().chars().take(RBAC_MAX_CHARS).collect();
+    let rule = lines.next().unwrap_or_default();
+    assert_eq!(
+        fuzzing::rbac_glob(&pattern, &value),
+        glob_model(&pattern, &value),
+        "glob {pattern:?} against {value:?}"
+    );
+    let metadata = serde_json::json!({ "public": true, "name": value });
+    for namespace in ["default", "other"] {
+        if let Some((_, round_trips)) = fuzzing::rbac_rule(rule.as_bytes(), &value, namespace, Some(&metadata)) {
+            assert!(round_trips, "rule {rule:?} does not read back as itself");
+}
+
 /// A reply from Redis (the `redis` adapter's RESP2 parser): never panics; a reply parsed from
 /// the whole input is reported incomplete — never as an error or another reply — at every
 /// shorter cut, as the client sees it while bytes arrive.
@@ -163,6 +242,53 @@ pub fn redis_reply(data: &[u8]) {
     }
 }
 
+/// `matches[i][j]`: the first `i` pattern chars match the first `j` value chars.
+fn glob_model(pattern: &str, value: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let v: Vec<char> = value.chars().collect();
+    let mut matches = vec![vec![false; v.len() + 1]; p.len() + 1];
+    matches[0][0] = true;
+    for i in 1..=p.len() {
+        for j in 0..=v.len() {
+            matches[i][j] = if p[i - 1] == '*' {
+                matches[i - 1][j] || (j > 0 && matches[i][j - 1])
+            } else {
+                j > 0 && p[i - 1] == v[j - 1] && matches[i - 1][j - 1]
+            };
+        }
+    }
+    matches[p.len()][v.len()]
+}
+
+/// The channel endpoint's request target parser, and the worker port's request-line test that
+/// routes connections to the channels executor. The first byte picks: 0..=127 the request
+/// target, else the first bytes of a connection.
+pub fn channel_request(data: &[u8]) {
+    use ringcast::channels::request::{Direction, Peeked, RequestError, PATH_PREFIX, REQUEST_LINE_PREFIX};
+    let Some((&mode, rest)) = data.split_first() else { return };
+    if mode >= 128 {
+        match fuzzing::channel_request_line(rest) {
+            Peeked::Channel => assert!(rest.starts_with(REQUEST_LINE_PREFIX)),
+            Peeked::Undecided => assert!(rest.len() < REQUEST_LINE_PREFIX.len() && REQUEST_LINE_PREFIX.starts_with(rest)),
+            Peeked::Other => assert!(!rest.starts_with(REQUEST_LINE_PREFIX) && !REQUEST_LINE_PREFIX.starts_with(rest)),
+        }
+        return;
+    }
+    let Ok(target) = std::str::from_utf8(rest) else { return };
+    match fuzzing::channel_request(target) {
+        Ok(request) => {
+            assert!(target.starts_with(PATH_PREFIX), "accepted {target:?}");
+            assert!(!request.channel_id.is_empty(), "empty channel id from {target:?}");
+            let query = target.split_once('?').map(|(_, q)| q).unwrap_or_default();
+            let dir = match request.dir {
+                Direction::Read => "dir=read",
+                Direction::Write => "dir=write",
+            };
+            assert!(query.split('&').any(|p| p == dir), "direction {:?} not in {query:?}", request.dir);
+            assert!(query.split('&').any(|p| p.starts_with("key=")), "no key in {query:?}");
+        }
+        Err(RequestError::NotFound) => {}
+        Err(e) => assert!(target.starts_with(PATH_PREFIX), "{e} for a path outside the endpoint: {target:?}"),
 /// An event message on a group channel (published by any Redis client): never panics, and what
 /// it reads lies within the message.
 pub fn redis_message(data: &[u8]) {

@@ -11,6 +11,10 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("update_ops", ringcast_fuzz::update_ops),
     ("config", ringcast_fuzz::config),
     ("store_recovery", ringcast_fuzz::store_recovery),
+    ("telemetry_frame", ringcast_fuzz::telemetry_frame),
+    ("http_function", ringcast_fuzz::http_function),
+    ("rbac_rules", ringcast_fuzz::rbac_rules),
+    ("channel_request", ringcast_fuzz::channel_request),
     ("redis_reply", ringcast_fuzz::redis_reply),
     ("redis_message", ringcast_fuzz::redis_message),
 ];

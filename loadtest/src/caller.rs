@@ -32,6 +32,13 @@ pub enum CallKind {
         /// JSON-escaped function id (with quotes)
         function_json: String,
     },
+    /// `TriggerAction.Enqueue` of the function to a queue; the probe is a plain call (the
+    /// function is callable), and the run drains until every acknowledged message was delivered.
+    Enqueue {
+        /// JSON-escaped function id and queue name (with quotes)
+        function_json: String,
+        queue_json: String,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -114,7 +121,7 @@ impl Caller {
         let pad = "x".repeat(cfg.payload.saturating_sub(50));
         let phase = match kind {
             CallKind::StreamSet { .. } => Phase::WaitSync,
-            CallKind::Echo { .. } => Phase::Probe,
+            CallKind::Echo { .. } | CallKind::Enqueue { .. } => Phase::Probe,
         };
         Caller {
             kind,
@@ -216,6 +223,19 @@ impl Caller {
                     self.pad
                 );
             }
+            CallKind::Enqueue { function_json, .. } if seq >= PROBE_BASE => {
+                let _ = write!(
+                    s,
+                    r#"{{"type":"invokefunction","invocation_id":"{id}","function_id":{function_json},"data":{{"probe":true}}}}"#
+                );
+            }
+            CallKind::Enqueue { function_json, queue_json } => {
+                let _ = write!(
+                    s,
+                    r#"{{"type":"invokefunction","invocation_id":"{id}","function_id":{function_json},"data":{{"t":{now},"seq":{seq},"pad":"{}"}},"action":{{"type":"enqueue","queue":{queue_json}}}}}"#,
+                    self.pad
+                );
+            }
         }
         ws::encode_client_frame(out, ws::OP_TEXT, s, mask);
     }
@@ -233,7 +253,7 @@ impl Caller {
             Phase::Probe => {
                 if now > self.phase_deadline {
                     let f = match &self.kind {
-                        CallKind::Echo { function_json } => function_json.clone(),
+                        CallKind::Echo { function_json } | CallKind::Enqueue { function_json, .. } => function_json.clone(),
                         _ => String::new(),
                     };
                     self.fail(
@@ -301,6 +321,7 @@ impl Caller {
                             shared.delivered.load(Relaxed) >= self.expected
                         }
                         CallKind::Echo { .. } => true,
+                        CallKind::Enqueue { .. } => shared.delivered.load(Relaxed) >= self.acked,
                     };
                 if complete || now >= self.drain_deadline {
                     self.finish(now, shared);
@@ -423,6 +444,21 @@ pub fn echo_reply(msg: &[u8], out: &mut Vec<u8>, mask: [u8; 4], scratch: &mut Ve
     scratch.push(b'}');
     ws::encode_client_frame(out, ws::OP_TEXT, scratch, mask);
     true
+}
+
+#[derive(Deserialize)]
+struct SentAt {
+    t: u64,
+}
+
+/// Queue consumer: answers like [`echo_reply`] and returns the send time (`t`) the producer
+/// put in the delivered message's data, if it has one (probes have none).
+pub fn consume_reply(msg: &[u8], out: &mut Vec<u8>, mask: [u8; 4], scratch: &mut Vec<u8>) -> Option<Option<u64>> {
+    if !echo_reply(msg, out, mask, scratch) {
+        return None;
+    }
+    let inv = serde_json::from_slice::<Invocation>(msg).ok()?;
+    Some(inv.data.and_then(|d| serde_json::from_str::<SentAt>(d.get()).ok()).map(|s| s.t))
 }
 
 #[cfg(test)]

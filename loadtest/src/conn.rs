@@ -313,6 +313,8 @@ pub enum Role {
     Sub,
     Caller(Box<Caller>),
     Echo,
+    /// A queue's consumer: answers like `Echo` and records enqueue → invoke latency.
+    Consumer(Box<hdrhistogram::Histogram<u64>>),
     Idle,
 }
 

@@ -6,11 +6,13 @@
 //! report and OS pieces (`conn`, `ws`, `caller`, `runloop`, `report`, `sys`).
 
 mod caller;
+mod channel;
 mod chaos;
 mod conn;
 mod connect;
 mod fanout;
 mod limit;
+mod queue;
 mod report;
 mod rpc;
 mod runloop;
@@ -122,6 +124,41 @@ enum Cmd {
         /// id the echo function is registered and called under
         #[arg(long, default_value = "loadtest::echo")]
         function: String,
+    },
+    /// Channel throughput (one channel, against a plain loopback TCP copy measured in the same
+    /// run) and RPC latency alone and during back-to-back channel transfers
+    Channel {
+        /// bytes per channel transfer
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// binary frame size (the SDKs send 64 KiB frames)
+        #[arg(long, default_value_t = 65536)]
+        frame: usize,
+        /// the channel's buffer_size (frames)
+        #[arg(long, default_value_t = 64)]
+        buffer_size: u64,
+        /// RPC calls in flight during the two RPC runs
+        #[arg(long, default_value_t = 1)]
+        rpc_inflight: u64,
+    },
+    /// Built-in queue: a producer enqueues calls (TriggerAction.Enqueue) with N in flight, a
+    /// consumer worker answers them; enqueues/s, deliveries/s, enqueue → invoke latency
+    Queue {
+        /// enqueues sent and not yet acknowledged, at most
+        #[arg(long, default_value_t = 64)]
+        inflight: u64,
+        /// approximate size of each message's data object in bytes
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// enqueues per second, 0 = as fast as the in-flight window allows
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// id the consumer function is registered under
+        #[arg(long, default_value = "loadtest::consume")]
+        function: String,
+        /// queue name (its concurrency and retries come from the engine's iii-queue config)
+        #[arg(long, default_value = "loadtest")]
+        queue: String,
     },
     /// Open S idle connections, report connections/s and server RSS per connection, close them
     Connect {
@@ -305,6 +342,32 @@ fn main() -> ExitCode {
                 payload: *payload,
                 rate: *rate,
                 function: function.clone(),
+            },
+        )
+        .map(|r| (r, true)),
+        Cmd::Channel {
+            bytes,
+            frame,
+            buffer_size,
+            rpc_inflight,
+        } => channel::run(
+            c,
+            channel::ChannelArgs {
+                bytes: (*bytes).max(1),
+                frame: (*frame).clamp(1, 16 << 20),
+                buffer_size: (*buffer_size).max(1),
+                rpc_inflight: (*rpc_inflight).max(1),
+            },
+        )
+        .map(|r| (r, true)),
+        Cmd::Queue { inflight, payload, rate, function, queue } => queue::run(
+            c,
+            queue::QueueArgs {
+                inflight: (*inflight).max(1),
+                payload: *payload,
+                rate: *rate,
+                function: function.clone(),
+                queue: queue.clone(),
             },
         )
         .map(|r| (r, true)),

@@ -65,6 +65,11 @@ impl Report {
         self.add(key, v, group_digits(v));
     }
 
+    /// The value recorded under `key`, if any.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.rows.iter().find(|(k, _, _)| k == key).map(|(_, v, _)| v)
+    }
+
     pub fn note(&mut self, s: impl Into<String>) {
         self.notes.push(s.into());
     }

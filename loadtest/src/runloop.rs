@@ -295,6 +295,16 @@ fn handle_messages(c: &mut Conn, scratch: &mut Vec<u8>, shared: &Shared) {
                 caller::echo_reply(&c.rx.inbox[a..b], &mut c.rx.out, mask, scratch);
             }
         }
+        Role::Consumer(hist) => {
+            for &(a, b) in &bounds {
+                if let Some(sent) = caller::consume_reply(&c.rx.inbox[a..b], &mut c.rx.out, mask, scratch) {
+                    if let Some(t) = sent {
+                        hist.saturating_record(now.saturating_sub(t).max(1));
+                    }
+                    shared.delivered.fetch_add(1, Relaxed);
+                }
+            }
+        }
         Role::Sub | Role::Idle => {}
     }
     let mut bounds = bounds;

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod redis;
 pub mod owner;
+pub mod queue;
 pub mod routing;
 pub mod runtime;
 pub mod shard;

@@ -112,6 +112,9 @@ fn workers_register(engine: &mut Engine, data: Value) -> BuiltinReply {
         isolation: input.isolation,
     };
     tracing::info!(worker_id = %c.worker_id, name = %c.display_name(), runtime = ?c.meta.runtime, "worker registered");
+    if let (Some(telemetry), Some(name)) = (&engine.telemetry, &c.meta.name) {
+        telemetry.worker_named(conn, &c.ip_address, name, c.meta.runtime.as_deref(), c.meta.pid);
+    }
     let worker_id = c.worker_id.clone();
     engine.fire_workers_available("worker_metadata_updated", &worker_id);
     reply_now(Ok(json!({ "success": true })))

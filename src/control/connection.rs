@@ -3,6 +3,8 @@
 //! that drains the connection's outbox, coalescing queued frames into one flush.
 
 use super::engine::Engine;
+use super::rbac;
+use crate::config::WorkerManagerConfig;
 use super::outbox::{OutFrame, Outbox, CLOSE_GOING_AWAY, CLOSE_OUTBOX_FULL};
 use super::wire::{self, DecodeError};
 use super::workers::WorkerConnId;
@@ -61,33 +63,47 @@ fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
     response
 }
 
-/// Serves one accepted TCP connection to the end.
-pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
+/// Serves one accepted TCP connection of `listener` (its `iii-worker-manager` entry) to the end.
+pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream, listener: Rc<WorkerManagerConfig>) {
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream);
     let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-    let (max_message, handshake_ms) = {
-        let e = engine.borrow();
-        (e.config().max_message_bytes, e.config().handshake_timeout_ms)
-    };
+    let addrs = stream.peer_addr().ok().zip(stream.local_addr().ok());
+    let (max_message, handshake_ms) = (listener.max_message_bytes, listener.handshake_timeout_ms);
+    // Channel connections go to the channels executor before any byte of them is read.
+    let channels = engine.borrow().channels.clone();
+    if let Some(channels) = channels {
+        match crate::channels::peek_is_channel(&stream, Duration::from_millis(handshake_ms)).await {
+            Some(true) => return channels.hand_over(stream),
+            Some(false) => {}
+            None => {
+                tracing::debug!(peer = %peer, "worker-port connection closed before its request line (or sent none in {handshake_ms} ms)");
+                return;
+            }
+        }
+    }
     let mut ws_config = WebSocketConfig::default();
     ws_config.max_message_size = Some(max_message);
     ws_config.max_frame_size = Some(max_message);
 
     let route = Rc::new(Cell::new(None));
     let chosen = route.clone();
+    // What an RBAC listener's auth function is told of the request.
+    let upgrade = Rc::new(RefCell::new(None));
+    let captured = upgrade.clone();
+    let authenticates = listener.rbac.is_some();
     // The error type is tungstenite's (an HTTP response); it is built once per refused upgrade.
     #[allow(clippy::result_large_err)]
     let callback = move |request: &Request, response: Response| {
+        if authenticates {
+            *captured.borrow_mut() = Some(rbac::UpgradeRequest::of(request));
+        }
         let path = request.uri().path();
         match path {
             "/" => chosen.set(Some(Route::Worker)),
             "/otel" => chosen.set(Some(Route::Otel)),
             _ if path.starts_with("/ws/channels/") => {
-                return Err(refuse(
-                    StatusCode::NOT_FOUND,
-                    "Channel not found: channels are not supported by this ringcast version",
-                ))
+                return Err(refuse(StatusCode::NOT_FOUND, "Channel not found"))
             }
             _ => return Err(refuse(StatusCode::NOT_FOUND, "Not found: the worker protocol is served on /")),
         }
@@ -110,9 +126,20 @@ pub async fn serve(engine: Rc<RefCell<Engine>>, stream: TcpStream) {
         }
     };
     let (sink, source) = ws.split();
+    // On an RBAC listener the worker and telemetry sockets are authenticated first.
+    let session = match route.get() {
+        Some(Route::Worker | Route::Otel) => {
+            let upgrade = upgrade.borrow_mut().take();
+            match rbac::admit(&engine, listener.port, listener.rbac.as_ref(), upgrade, &peer).await {
+                Ok(session) => session,
+                Err(denied) => return rbac::refuse(sink, source, denied).await,
+            }
+        }
+        None => None,
+    };
     match route.get() {
-        Some(Route::Worker) => serve_worker(engine, sink, source, peer).await,
-        Some(Route::Otel) => serve_otel(source).await,
+        Some(Route::Worker) => serve_worker(engine, sink, source, peer, &listener, session).await,
+        Some(Route::Otel) => serve_otel(&engine, source, &peer, addrs).await,
         None => {}
     }
 }
@@ -122,14 +149,14 @@ async fn serve_worker(
     sink: WebSocketSender<TcpStream>,
     mut source: WebSocketReceiver<TcpStream>,
     peer: String,
+    listener: &WorkerManagerConfig,
+    session: Option<Rc<rbac::Session>>,
 ) {
-    let (limit, ping_interval, ping_timeout) = {
-        let e = engine.borrow();
-        (e.config().max_outbox_bytes, e.config().ping_interval_ms, e.config().ping_timeout_ms)
-    };
+    let (limit, ping_interval, ping_timeout) = (listener.max_outbox_bytes, listener.ping_interval_ms, listener.ping_timeout_ms);
     let (tx, rx) = unbounded();
     let outbox = Rc::new(Outbox::new(tx, limit));
     let conn = engine.borrow_mut().connect(outbox.clone(), peer);
+    rbac::attach(&engine, conn, session);
     let writer = glommio::spawn_local(write_loop(sink, rx, outbox.clone()));
     let last_inbound = Cell::new(Instant::now());
     {
@@ -174,6 +201,8 @@ async fn read_loop(
     last_inbound: &Cell<Instant>,
 ) {
     let max_depth = engine.borrow().config().max_json_depth;
+    let telemetry = engine.borrow().telemetry.clone();
+    let session = rbac::session_of(engine, conn);
     loop {
         let item = match futures_util::future::select(source.next(), std::pin::pin!(outbox.ended())).await {
             Either::Left((Some(item), _)) => item,
@@ -183,8 +212,12 @@ async fn read_loop(
         let payload = match item {
             Ok(Message::Text(text)) => text.into(),
             Ok(Message::Binary(bytes)) => {
-                if [b"OTLP", b"MTRC", b"LOGS"].iter().any(|p| bytes.starts_with(*p)) {
-                    continue; // telemetry on the main socket: accepted and discarded
+                if crate::telemetry::otlp::split_prefix(&bytes).is_some() {
+                    // Telemetry on the worker socket: to the telemetry thread, as this worker's.
+                    if let Some(telemetry) = &telemetry {
+                        telemetry.submit(bytes, crate::telemetry::Source::Worker(conn));
+                    }
+                    continue;
                 }
                 bytes
             }
@@ -204,7 +237,10 @@ async fn read_loop(
             continue;
         }
         match wire::decode(&payload, max_depth) {
-            Ok(message) => engine.borrow_mut().handle(conn, message),
+            Ok(message) => match &session {
+                None => engine.borrow_mut().handle(conn, message),
+                Some(session) => rbac::dispatch(engine, conn, session, message).await,
+            },
             Err(error) => reject_frame(engine, conn, &payload, error, max_depth),
         }
     }
@@ -309,14 +345,39 @@ async fn until_ended<E>(outbox: &Outbox, write: impl std::future::Future<Output 
     }
 }
 
-/// `/otel`: telemetry frames are accepted and discarded.
-async fn serve_otel(mut source: WebSocketReceiver<TcpStream>) {
+/// `/otel`: telemetry frames go to the telemetry thread (which decodes, logs, counts and
+/// forwards them off this core); anything else is counted and ignored; nothing is sent back.
+async fn serve_otel(
+    engine: &Rc<RefCell<Engine>>,
+    mut source: WebSocketReceiver<TcpStream>,
+    peer: &str,
+    addrs: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+) {
+    let telemetry = engine.borrow().telemetry.clone();
+    let from = telemetry.as_ref().map(|t| t.otel_connection(peer, addrs));
     let mut frames = 0u64;
     while let Some(Ok(message)) = source.next().await {
-        if message.is_close() {
-            break;
+        let Some(telemetry) = &telemetry else {
+            if message.is_close() {
+                break;
+            }
+            continue;
+        };
+        match message {
+            Message::Binary(bytes) => {
+                frames += 1;
+                let source = from.clone().map(crate::telemetry::Source::Otel);
+                if !source.is_some_and(|source| telemetry.submit(bytes, source)) {
+                    telemetry.unknown_frame();
+                }
+            }
+            Message::Text(_) => telemetry.unknown_frame(),
+            Message::Close(_) => break,
+            _ => {} // ping (answered by tungstenite), pong
         }
-        frames += 1;
     }
-    tracing::debug!(frames, "telemetry socket closed; frames discarded");
+    if let (Some(telemetry), Some(from)) = (&telemetry, &from) {
+        telemetry.otel_closed(from);
+    }
+    tracing::debug!(peer, frames, "telemetry socket closed");
 }

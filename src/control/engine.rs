@@ -33,6 +33,15 @@ pub struct Engine {
     pub(super) shutting_down: bool,
     /// Lets handlers spawn tasks that come back to the engine.
     self_ref: Weak<RefCell<Engine>>,
+    /// The telemetry thread's handle; `None` (frames discarded) until the boot code sets it.
+    pub(super) telemetry: Option<crate::telemetry::Telemetry>,
+    /// Runs HTTP-invoked functions; `None` until installed (or when `iii-http-functions` is off).
+    pub(super) http_functions: Option<super::http_functions::HttpCalls>,
+    /// Where the worker port hands channel connections (`/ws/channels/…`); set by
+    /// `channels::install`, `None` in engines built without channels.
+    pub(crate) channels: Option<crate::channels::Channels>,
+    /// The built-in queue, for enqueues no worker's `engine::queue::enqueue` takes.
+    pub(super) builtin_queue: Option<Rc<crate::queue::QueueService>>,
 }
 
 impl Engine {
@@ -49,6 +58,10 @@ impl Engine {
                 functions_changed_scheduled: false,
                 shutting_down: false,
                 self_ref: self_ref.clone(),
+                telemetry: None,
+                http_functions: None,
+                channels: None,
+                builtin_queue: None,
             })
         })
     }
@@ -60,6 +73,11 @@ impl Engine {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Where worker telemetry frames go (set once, by the boot code).
+    pub fn set_telemetry(&mut self, telemetry: crate::telemetry::Telemetry) {
+        self.telemetry = Some(telemetry);
     }
 
     /// A handle for tasks that come back to the engine when they complete.
@@ -100,7 +118,13 @@ impl Engine {
     pub fn shutdown(&mut self) {
         self.shutting_down = true;
         self.fail_all_invocations();
+        self.fail_http_calls();
         self.close_all_workers();
+    }
+
+    /// Makes `queue` take the enqueues that no worker's `engine::queue::enqueue` takes.
+    pub fn set_builtin_queue(&mut self, queue: Rc<crate::queue::QueueService>) {
+        self.builtin_queue = Some(queue);
     }
 
     /// Spawns `fut` on the control executor, to run after the current handler.

@@ -4,6 +4,7 @@
 //! it (`registerfunction`, `unregisterfunction`) and the reservation of the engine's ids.
 
 use super::engine::Engine;
+use super::http_functions::HttpFunction;
 use super::invocations::Outcome;
 use super::ns_map::{ns_key, NsMap, DEFAULT_NS};
 use super::wire::{ErrorBody, Outbound, RegisterFunction};
@@ -30,13 +31,15 @@ pub type Builtin = Rc<dyn Fn(&mut Engine, Value) -> BuiltinReply>;
 pub enum Handler {
     Worker(WorkerConnId),
     Builtin(Builtin),
+    /// An HTTP-invoked function (§8): registered, and owned, by `owner`; run by the engine.
+    Http { owner: WorkerConnId, function: Rc<HttpFunction> },
 }
 
 impl Handler {
     /// The worker connection that runs the function, if a worker does.
     pub fn worker(&self) -> Option<WorkerConnId> {
         match self {
-            Handler::Worker(conn) => Some(*conn),
+            Handler::Worker(conn) | Handler::Http { owner: conn, .. } => Some(*conn),
             Handler::Builtin(_) => None,
         }
     }
@@ -128,9 +131,9 @@ impl Engine {
     }
 
     /// `registerfunction` from a worker.
-    pub(super) fn register_function(&mut self, conn: WorkerConnId, m: RegisterFunction) {
-        if m.invocation.is_some() {
-            tracing::warn!(function_id = %m.id, "HTTP-invoked functions are not supported by ringcast; registration ignored");
+    pub(super) fn register_function(&mut self, conn: WorkerConnId, mut m: RegisterFunction) {
+        if m.invocation.is_some() && self.http_functions.is_none() {
+            tracing::warn!(function_id = %m.id, "HTTP-invoked function ignored: iii-http-functions is off");
             return;
         }
         let ns = self.workers[conn].namespace.clone();
@@ -152,12 +155,16 @@ impl Engine {
                 return;
             }
         }
+        let handler = match m.invocation.take() {
+            None => Handler::Worker(conn),
+            Some(invocation) => Handler::Http { owner: conn, function: self.http_function(&m.id, invocation) },
+        };
         tracing::debug!(function_id = %m.id, "function registered");
         self.functions.insert(
             &ns,
             &m.id,
             FunctionEntry {
-                handler: Handler::Worker(conn),
+                handler,
                 description: m.description,
                 request_format: m.request_format,
                 response_format: m.response_format,

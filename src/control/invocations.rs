@@ -233,6 +233,7 @@ impl Engine {
                 }
             }
             Handler::Worker(owner) => self.forward(owner, call, reply),
+            Handler::Http { function, .. } => self.invoke_http(function, call, reply),
         }
     }
 
@@ -251,7 +252,8 @@ impl Engine {
         owner_conn.owner_inflight.insert(id);
         owner_conn.send(&Outbound::InvokeFunction {
             invocation_id: &id_text,
-            function_id: &call.function_id,
+            // A prefixed session's worker knows its functions without the prefix.
+            function_id: super::rbac::local_function_id(owner_conn, &call.function_id),
             data: &call.data,
             traceparent: call.traceparent.as_deref(),
             baggage: baggage.as_deref(),
@@ -376,6 +378,20 @@ impl Engine {
     ) {
         const PROVIDER: &str = "engine::queue::enqueue";
         if self.functions.get(DEFAULT_NS, PROVIDER).is_none() {
+            // No worker provides a queue: ringcast's own takes the message.
+            if let Some(service) = self.builtin_queue.clone() {
+                let message = ringcast_shards::queue::NewMessage {
+                    id: Uuid::new_v4().to_string(),
+                    queue,
+                    namespace: namespace.to_string(),
+                    function_id,
+                    data: crate::queue::payload_text(&data),
+                    traceparent,
+                    baggage,
+                };
+                crate::queue::enqueue(&service, self, message, reply);
+                return;
+            }
             self.complete(
                 reply,
                 Err(ErrorBody::new(

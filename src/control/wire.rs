@@ -81,7 +81,7 @@ pub struct RegisterFunction {
     pub response_format: Option<Value>,
     #[serde(default)]
     pub metadata: Option<Value>,
-    /// HTTP-invoked functions (§8) are not supported; the registration is refused with a log.
+    /// HTTP-invoked functions (§8): run by the engine (`control/http_functions.rs`).
     #[serde(default)]
     pub invocation: Option<Value>,
 }

@@ -50,6 +50,8 @@ pub struct WorkerConn {
     pub owner_inflight: HashSet<Uuid>,
     /// Invocations this connection is waiting for (it is the caller).
     pub caller_inflight: HashSet<Uuid>,
+    /// Its rights, when it came in through an RBAC listener (`rbac.rs`).
+    pub session: Option<Rc<super::rbac::Session>>,
 }
 
 impl WorkerConn {
@@ -151,6 +153,7 @@ impl Engine {
             triggers: HashSet::new(),
             owner_inflight: HashSet::new(),
             caller_inflight: HashSet::new(),
+            session: None,
         };
         conn.send(&Outbound::WorkerRegistered {
             worker_id: &conn.worker_id,
@@ -182,6 +185,9 @@ impl Engine {
     pub fn disconnect(&mut self, conn: WorkerConnId) {
         let Some(c) = self.workers.remove(conn) else { return };
         self.metrics.control.workers_connected.store(self.workers.len() as u64, Relaxed);
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.worker_gone(conn);
+        }
         let mut functions_removed = false;
         for (ns, id) in &c.functions {
             if self.functions.owner(ns, id) == Some(conn) {

@@ -121,7 +121,7 @@ fn override_for(engine: &Engine, op: &str, data: &Value) -> Option<String> {
 }
 
 /// Calls a worker function from a builtin; the outcome arrives on the receiver.
-fn call_function(engine: &mut Engine, function_id: &str, data: Value) -> oneshot::Receiver<Outcome> {
+pub(super) fn call_function(engine: &mut Engine, function_id: &str, data: Value) -> oneshot::Receiver<Outcome> {
     let (tx, rx) = oneshot::channel();
     engine.invoke(Call::internal(DEFAULT_NS, function_id, data, None), Reply::Internal(tx));
     rx
@@ -138,7 +138,7 @@ fn route(service: &StreamService, engine: &Engine, key: GroupKey, op: GroupOp, e
     }))
 }
 
-fn send_to_owner(service: &StreamService, key: GroupKey, op: GroupOp) -> oneshot::Receiver<GroupOpReply> {
+pub(super) fn send_to_owner(service: &StreamService, key: GroupKey, op: GroupOp) -> oneshot::Receiver<GroupOpReply> {
     let (tx, rx) = oneshot::channel();
     let owner = ringcast_shards::routing::owner_shard(&key.0, &key.1, service.shards.len());
     let _ = service.shards[owner].unbounded_send(ShardMsg::GroupOp { key, op, reply: tx });
@@ -146,7 +146,7 @@ fn send_to_owner(service: &StreamService, key: GroupKey, op: GroupOp) -> oneshot
 }
 
 /// Fires triggers for the reply's event and turns the reply into the function's outcome.
-fn finish(weak: &Weak<RefCell<Engine>>, key: GroupKey, reply: GroupOpReply) -> Outcome {
+pub(super) fn finish(weak: &Weak<RefCell<Engine>>, key: GroupKey, reply: GroupOpReply) -> Outcome {
     if let (Some(frame), Some(engine)) = (reply.event, weak.upgrade()) {
         fire_stream_triggers(&engine, &key, frame);
     }
@@ -201,6 +201,11 @@ fn stream_update(service: &Rc<StreamService>, engine: &mut Engine, data: Value) 
     };
     if let Some((custom, data)) = custom {
         return custom_mutation(service, engine, &custom, data, (i.stream_name, i.group_id), i.item_id, Mutation::Write("STREAM_UPDATE_ERROR"));
+    }
+    // A custom stream without its own update (what every SDK's createStream registers): the
+    // ops apply through its get and set, one update of an item at a time.
+    if let Some(custom) = super::custom_update::get_and_set(engine, &i.stream_name) {
+        return super::custom_update::update(service, engine, custom, (i.stream_name, i.group_id), i.item_id, ops);
     }
     route(service, engine, (i.stream_name, i.group_id), GroupOp::Update { item: i.item_id, ops }, "STREAM_UPDATE_ERROR")
 }
@@ -290,7 +295,9 @@ fn custom_mutation(
     item: String,
     mutation: Mutation,
 ) -> BuiltinReply {
-    let rx = call_function(engine, function_id, data);
+    // The item's turn is taken now, in arrival order; the call goes out when it comes.
+    let turn = super::item_locks::lock(service, (key.0.clone(), key.1.clone(), item.clone()));
+    let function_id = function_id.to_string();
     let service = service.clone();
     let weak = engine.weak_self();
     let error_code = match mutation {
@@ -298,9 +305,10 @@ fn custom_mutation(
         Mutation::Delete => "STREAM_DELETE_ERROR",
     };
     BuiltinReply::Later(Box::pin(async move {
-        let result = match rx.await {
-            Ok(Ok(Some(result))) if result.is_object() => result,
-            Ok(Err(e)) => return Err(e),
+        let held = turn.await;
+        let result = match super::custom_update::call_holding_turn(&weak, &function_id, data).await {
+            Ok(Some(result)) if result.is_object() => result,
+            Err(e) => return Err(e),
             _ => return Err(ErrorBody::new(error_code, "the custom stream function returned no result")),
         };
         let old = result.get("old_value").filter(|v| !v.is_null()).cloned();
@@ -316,6 +324,9 @@ fn custom_mutation(
             (if old.is_some() { EventKind::Update } else { EventKind::Create }, new)
         };
         let emitted = send_to_owner(&service, key.clone(), GroupOp::Emit { item: Some(item), kind, data: event_data });
+        // The event is queued to the owner: the next mutation of the item may go (its event
+        // queues after this one).
+        drop(held);
         if let Ok(reply) = emitted.await {
             let _ = finish(&weak, key, reply);
         }
@@ -424,7 +435,7 @@ pub async fn serve_shard_requests(engine: Rc<RefCell<Engine>>, mut requests: Sha
 
 /// Like `call_and_wait`, but gives the call up after `limit` or when `abandon` resolves: its
 /// pending invocation is removed (a late result is then dropped as unknown).
-async fn call_within(
+pub(super) async fn call_within(
     engine: &Rc<RefCell<Engine>>,
     ns: &str,
     function_id: &str,
@@ -465,7 +476,7 @@ mod tests {
     fn stream_engine() -> (Rc<RefCell<Engine>>, futures_channel::mpsc::UnboundedReceiver<ShardMsg>) {
         let engine = engine();
         let (shard, inbox) = futures_channel::mpsc::unbounded();
-        install(&mut engine.borrow_mut(), StreamService { shards: vec![shard] });
+        install(&mut engine.borrow_mut(), StreamService::new(vec![shard]));
         (engine, inbox)
     }
 

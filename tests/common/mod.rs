@@ -56,6 +56,11 @@ impl Engine {
 
     /// Like `start_with`, with `top_extra` YAML lines at the top level of the config.
     pub fn start_full(top_extra: &str, worker_extra: &str, stream_extra: &str, args: &[&str]) -> Engine {
+        Engine::start_env(top_extra, worker_extra, stream_extra, args, &[])
+    }
+
+    /// Like `start_full`, with `env` set for the engine process (test-only fault hooks).
+    pub fn start_env(top_extra: &str, worker_extra: &str, stream_extra: &str, args: &[&str], env: &[(&str, &str)]) -> Engine {
         let (worker_port, stream_port) = (free_port(), free_port());
         let dir = scratch_dir();
         let config = format!(
@@ -67,6 +72,7 @@ impl Engine {
             .arg("--config")
             .arg(&path)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", std::env::var("RINGCAST_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -365,5 +371,70 @@ impl Worker {
 
     pub fn set(&mut self, stream: &str, group: &str, item: &str, data: Value) -> Value {
         self.ok("stream::set", json!({"stream_name": stream, "group_id": group, "item_id": item, "data": data}))
+    }
+}
+
+/// The engine's log (its stderr), line by line, as a test reads it; every line is also copied to
+/// the test's own stderr.
+#[derive(Clone, Default)]
+pub struct EngineLog {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl EngineLog {
+    /// Starts reading `stderr` of a child on a thread until it closes.
+    pub fn capture(stderr: std::process::ChildStderr) -> EngineLog {
+        use std::io::BufRead;
+        let log = EngineLog::default();
+        let lines = log.lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[engine] {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+        log
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits for a line that contains every one of `parts`; returns it.
+    pub fn wait_for(&self, parts: &[&str], limit: Duration) -> String {
+        let mut found = None;
+        let held = eventually(limit, || {
+            found = self.lines().into_iter().find(|l| parts.iter().all(|p| l.contains(p)));
+            found.is_some()
+        });
+        assert!(held, "no engine log line with {parts:?} within {limit:?}; log:\n{}", self.lines().join("\n"));
+        found.unwrap_or_default()
+    }
+}
+
+impl Engine {
+    /// Like `start_full`, with `RUST_LOG=rust_log` and the engine's stderr captured.
+    pub fn start_logged(top_extra: &str, worker_extra: &str, rust_log: &str) -> (Engine, EngineLog) {
+        let (worker_port, stream_port) = (free_port(), free_port());
+        let dir = scratch_dir();
+        let config = format!(
+            "{top_extra}workers:\n  - name: iii-worker-manager\n    config:\n      host: 127.0.0.1\n      port: {worker_port}\n{worker_extra}  - name: iii-stream\n    config:\n      host: 127.0.0.1\n      port: {stream_port}\n"
+        );
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(binary())
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ringcast");
+        let log = EngineLog::capture(child.stderr.take().expect("piped stderr"));
+        let engine = Engine { child, worker_port, stream_port, dir };
+        engine.wait_listening(worker_port);
+        (engine, log)
     }
 }

@@ -96,8 +96,11 @@ class Engine:
         stream_port: int | None = None,
         shards: int = 1,
         stream_config: dict[str, Any] | None = None,
+        extra_yaml: str = "",
     ) -> None:
         self.workdir = workdir
+        # More worker blocks after iii-stream (e.g. an iii-queue block), as YAML text.
+        self.extra_yaml = extra_yaml
         self.shards = shards
         # Extra keys for the iii-stream config block, e.g. {"auth_function": "auth::check"}.
         self.stream_config = dict(stream_config or {})
@@ -132,6 +135,7 @@ class Engine:
             f"      port: {self.stream_port}\n"
             # JSON scalars are valid YAML.
             + "".join(f"      {k}: {json.dumps(v)}\n" for k, v in self.stream_config.items())
+            + self.extra_yaml
         )
 
     def start(self) -> "Engine":
@@ -231,8 +235,9 @@ def engine_factory(request, tmp_path):
         start: bool = True,
         shards: int = 1,
         stream_config: dict[str, Any] | None = None,
+        extra_yaml: str = "",
     ) -> Engine:
-        eng = Engine(tmp_path, port=port, stream_port=stream_port, shards=shards, stream_config=stream_config)
+        eng = Engine(tmp_path, port=port, stream_port=stream_port, shards=shards, stream_config=stream_config, extra_yaml=extra_yaml)
         engines.append(eng)
         if start:
             eng.start()
