@@ -13,7 +13,8 @@ command -v redis-server >/dev/null || { echo "redis-server is not installed (tes
 DIR=$(mktemp -d)
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill $p 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$DIR"' EXIT
-RPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+RPORT=$(free_port)
 redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" >/dev/null 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$RPORT) 2>/dev/null && break; sleep 0.05; done
@@ -38,9 +39,10 @@ YAML
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$3) 2>/dev/null && return; sleep 0.05; done
   echo "node $1 did not start"; cat "$DIR/$1.log"; exit 1
 }
-node a 49134 3112
-node b 49135 3113
-A=ws://127.0.0.1:49134/ B=ws://127.0.0.1:3113/
+AW=$(free_port) AS=$(free_port) BW=$(free_port) BS=$(free_port)
+node a "$AW" "$AS"
+node b "$BW" "$BS"
+A=ws://127.0.0.1:$AW/ B=ws://127.0.0.1:$BS/
 field() { python3 -c "import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(' '.join(f'{k}={d[k]}' for k in sys.argv[1:] if k in d))" "$@"; }
 
 echo "machine: $(nproc) CPUs; redis $(redis-server --version | awk '{print $3}'); two nodes, one shard each; $PROFILE build"
