@@ -324,7 +324,20 @@ fn redis_restart_fails_writes_meanwhile_and_resyncs_subscribers_without_losing_a
     let result = writer.call("stream::list_groups", json!({"stream_name": "r"}));
     assert_eq!(result["error"]["code"], "STREAM_LIST_GROUPS_ERROR", "{result}");
 
+    // A join during the outage waits (no sync yet, the connection stays open)...
+    let mut late = Subscriber::connect(&b);
+    late.join("late", "r", "g2", None);
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = late.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    }
+    assert!(late.ws.read().is_err_and(|e| matches!(&e, tungstenite::Error::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))), "no frame while Redis is down");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = late.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+
     redis.start();
+    // ...and gets its sync once Redis is back.
+    assert_eq!(late.recv()["event"]["type"], "sync");
     // Writes succeed again once the nodes have reconnected.
     wait_until(Duration::from_secs(10), "writes to succeed again", || {
         writer.call("stream::set", set_input("r", "g", "back", json!({"id": "back"}))).get("error").is_none()
