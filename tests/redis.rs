@@ -400,15 +400,24 @@ fn a_gap_or_junk_on_a_group_channel_sends_subscribers_a_fresh_sync() {
     let sync = sub.recv();
     assert_eq!(sync["event"]["type"], "sync", "{sync}");
     assert_eq!(sync["event"]["data"], json!([{"id": "x"}]));
-    // Junk too.
+    // Junk too; and a change made behind ringcast's back reaches group subscribers in the
+    // fresh sync and the subscribers of that item in an item sync.
+    let mut item_sub = Subscriber::connect(&b);
+    assert_eq!(item_sub.join_sync("i", "gap", "g", Some("x"))["event"]["data"], json!({"id": "x"}));
+    redis_command(redis.port, &["HSET", "rc:items:3:gap:g", "x", "{\"id\":\"x\",\"v\":2}"]);
     redis_command(redis.port, &["PUBLISH", "rc:ev:3:gap:g", "not an event"]);
-    assert_eq!(sub.recv()["event"]["type"], "sync");
+    let sync = sub.recv();
+    assert_eq!((sync["event"]["type"].as_str(), &sync["event"]["data"]), (Some("sync"), &json!([{"id": "x", "v": 2}])), "{sync}");
+    let item_sync = item_sub.recv();
+    assert_eq!((item_sync["id"].as_str(), item_sync["event"]["type"].as_str()), (Some("x"), Some("sync")), "{item_sync}");
+    assert_eq!(item_sync["event"]["data"], json!({"id": "x", "v": 2}));
     // Events go on from the real sequence afterwards.
     writer.set("gap", "g", "y", json!({"id": "y"}));
     let frame = sub.recv();
     assert_eq!((frame["event"]["type"].as_str(), frame["id"].as_str()), (Some("create"), Some("y")), "{frame}");
     // The last subscriber leaving unsubscribes the channel.
     drop(sub);
+    drop(item_sub);
     wait_until(Duration::from_secs(5), "the channel to lose its subscriber", || redis_command(redis.port, &["PUBLISH", "rc:ev:3:gap:g", "x"]).trim() == ":0");
 }
 
