@@ -292,9 +292,22 @@ pub enum Adapter {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[[user]:password@]host[:port][/db]`.
-    #[serde(default = "default_redis_url")]
+    /// `redis://[[user]:password@]host[:port][/db]`; `check-config` prints it without the
+    /// password.
+    #[serde(default = "default_redis_url", serialize_with = "url_without_password")]
     pub redis_url: String,
+}
+
+/// A `redis://` URL as printed: a password between `:` and `@` becomes `***`.
+fn url_without_password<S: Serializer>(url: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    let masked = match url.strip_prefix("redis://").and_then(|rest| rest.split_once('@')) {
+        Some((credentials, host)) => {
+            let user = credentials.split_once(':').map_or("", |(user, _)| user);
+            format!("redis://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    };
+    serializer.serialize_str(&masked)
 }
 
 fn default_redis_url() -> String {
@@ -1014,6 +1027,9 @@ mod tests {
         // The reference schema's stale key `url` is refused, as there.
         let err = parse(&text.replace("redis_url:", "url:"), "t").unwrap_err();
         assert!(matches!(&err, ConfigError::UnknownKey { key, .. } if key == "url"), "{err:?}");
+        let secret = parse(&text.replace("redis://localhost:6379", "redis://app:s3cret@db:6380/2"), "t").unwrap();
+        let printed = serde_yaml::to_string(&secret).unwrap();
+        assert!(printed.contains("redis://app:***@db:6380/2") && !printed.contains("s3cret"), "{printed}");
         let err = parse(&text.replace("redis://localhost:6379", "localhost:6379"), "t").unwrap_err();
         assert!(matches!(&err, ConfigError::InvalidValue { key: Some(key), .. } if key == "redis_url"), "{err:?}");
     }

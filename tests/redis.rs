@@ -324,7 +324,20 @@ fn redis_restart_fails_writes_meanwhile_and_resyncs_subscribers_without_losing_a
     let result = writer.call("stream::list_groups", json!({"stream_name": "r"}));
     assert_eq!(result["error"]["code"], "STREAM_LIST_GROUPS_ERROR", "{result}");
 
+    // A join during the outage waits (no sync yet, the connection stays open)...
+    let mut late = Subscriber::connect(&b);
+    late.join("late", "r", "g2", None);
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = late.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    }
+    assert!(late.ws.read().is_err_and(|e| matches!(&e, tungstenite::Error::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))), "no frame while Redis is down");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = late.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+
     redis.start();
+    // ...and gets its sync once Redis is back.
+    assert_eq!(late.recv()["event"]["type"], "sync");
     // Writes succeed again once the nodes have reconnected.
     wait_until(Duration::from_secs(10), "writes to succeed again", || {
         writer.call("stream::set", set_input("r", "g", "back", json!({"id": "back"}))).get("error").is_none()
@@ -387,15 +400,24 @@ fn a_gap_or_junk_on_a_group_channel_sends_subscribers_a_fresh_sync() {
     let sync = sub.recv();
     assert_eq!(sync["event"]["type"], "sync", "{sync}");
     assert_eq!(sync["event"]["data"], json!([{"id": "x"}]));
-    // Junk too.
+    // Junk too; and a change made behind ringcast's back reaches group subscribers in the
+    // fresh sync and the subscribers of that item in an item sync.
+    let mut item_sub = Subscriber::connect(&b);
+    assert_eq!(item_sub.join_sync("i", "gap", "g", Some("x"))["event"]["data"], json!({"id": "x"}));
+    redis_command(redis.port, &["HSET", "rc:items:3:gap:g", "x", "{\"id\":\"x\",\"v\":2}"]);
     redis_command(redis.port, &["PUBLISH", "rc:ev:3:gap:g", "not an event"]);
-    assert_eq!(sub.recv()["event"]["type"], "sync");
+    let sync = sub.recv();
+    assert_eq!((sync["event"]["type"].as_str(), &sync["event"]["data"]), (Some("sync"), &json!([{"id": "x", "v": 2}])), "{sync}");
+    let item_sync = item_sub.recv();
+    assert_eq!((item_sync["id"].as_str(), item_sync["event"]["type"].as_str()), (Some("x"), Some("sync")), "{item_sync}");
+    assert_eq!(item_sync["event"]["data"], json!({"id": "x", "v": 2}));
     // Events go on from the real sequence afterwards.
     writer.set("gap", "g", "y", json!({"id": "y"}));
     let frame = sub.recv();
     assert_eq!((frame["event"]["type"].as_str(), frame["id"].as_str()), (Some("create"), Some("y")), "{frame}");
     // The last subscriber leaving unsubscribes the channel.
     drop(sub);
+    drop(item_sub);
     wait_until(Duration::from_secs(5), "the channel to lose its subscriber", || redis_command(redis.port, &["PUBLISH", "rc:ev:3:gap:g", "x"]).trim() == ":0");
 }
 

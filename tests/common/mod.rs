@@ -80,6 +80,8 @@ impl Engine {
             .expect("start ringcast");
         let engine = Engine { child, worker_port, stream_port, dir };
         engine.wait_listening(worker_port);
+        // The stream port is bound after the worker port (a file store is opened in between).
+        engine.wait_listening(stream_port);
         engine
     }
 

@@ -475,8 +475,18 @@ impl Shard {
             self.count_redis_error();
             if let Some((key, item, _, reply)) = on_fail.borrow_mut().take() {
                 answer(reply, error("STREAM_UPDATE_ERROR", format!("Failed to update value: {e}")), None);
-                self.redis_update_next(key, item, None);
+                self.redis_update_fail_all(key, item, &e);
             }
+        }
+    }
+
+    /// The command could not even be sent (Redis unreachable or overloaded): the updates waiting
+    /// behind it would fail the same way, so they are answered now, in a loop (not one nested
+    /// call per waiting update).
+    fn redis_update_fail_all(&mut self, key: GroupKey, item: String, e: &RedisError) {
+        let Some(backend) = self.backend() else { return };
+        for (_, reply) in backend.updates.remove(&(key, item)).into_iter().flatten() {
+            answer(reply, error("STREAM_UPDATE_ERROR", format!("Failed to update value: {e}")), None);
         }
     }
 
@@ -509,7 +519,16 @@ impl Shard {
             Ok(a) => a,
             Err(why) => {
                 answer(reply, error("STREAM_UPDATE_ERROR", format!("Failed to update value: item {item:?}: {why}")), None);
-                return self.redis_update_next(key, item, Some(current));
+                // The next update starts from a task of its own: a queue of updates that each
+                // fail here must not become one nested call per update.
+                let weak = self.self_ref.clone();
+                glommio::spawn_local(async move {
+                    if let Some(shard) = weak.upgrade() {
+                        shard.borrow_mut().redis_update_next(key, item, Some(current));
+                    }
+                })
+                .detach();
+                return;
             }
         };
         let (stream, group) = (key.0.as_str(), key.1.as_str());
@@ -559,7 +578,7 @@ impl Shard {
             self.count_redis_error();
             if let Some((key, item, _, reply)) = on_fail.borrow_mut().take() {
                 answer(reply, error("STREAM_UPDATE_ERROR", format!("Failed to update value: {e}")), None);
-                self.redis_update_next(key, item, None);
+                self.redis_update_fail_all(key, item, &e);
             }
         }
     }

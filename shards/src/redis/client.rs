@@ -31,6 +31,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Commands waiting this long with no reply at all end the connection (a server that vanished
 /// without RST); their callers get `Lost`.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
+/// A pub/sub connection that has received nothing this long is pinged.
+pub const PUBSUB_PING_AFTER: Duration = Duration::from_secs(1);
 /// Bytes of commands that may wait to be written; past it commands fail with `Overloaded`.
 pub const MAX_OUTPUT_BYTES: usize = 64 << 20;
 /// Commands that may wait for their replies on one connection.
@@ -495,12 +497,31 @@ async fn serve(client: &Rc<Client>, socket: &Socket, buf: Vec<u8>) -> String {
     let watchdog = async {
         loop {
             glommio::timer::sleep(Duration::from_millis(500)).await;
-            let state = client.state.borrow();
+            let mut state = client.state.borrow_mut();
             if client.stopped.get() {
                 return "stopped".to_string();
             }
-            if !state.pending.is_empty() && state.progress.elapsed() >= REPLY_TIMEOUT {
-                return format!("no reply for {} s", REPLY_TIMEOUT.as_secs());
+            let idle = state.progress.elapsed();
+            match client.mode {
+                Mode::Commands => {
+                    if !state.pending.is_empty() && idle >= REPLY_TIMEOUT {
+                        return format!("no reply for {} s", REPLY_TIMEOUT.as_secs());
+                    }
+                }
+                // A pub/sub connection can be silent for long: after a quiet second it is
+                // pinged, and one that answers nothing for REPLY_TIMEOUT is given up (and the
+                // groups resynced after reconnecting) instead of waiting for TCP keepalive.
+                Mode::PubSub => {
+                    if idle >= REPLY_TIMEOUT {
+                        return format!("no reply to PING for {} s", REPLY_TIMEOUT.as_secs());
+                    }
+                    if idle >= PUBSUB_PING_AFTER {
+                        resp::encode_command(&mut state.out, &[b"PING"]);
+                        if let Some(w) = state.writer.take() {
+                            w.wake();
+                        }
+                    }
+                }
             }
         }
     };
@@ -535,6 +556,10 @@ fn dispatch(client: &Rc<Client>, reply: Resp) -> Result<(), String> {
             }
         }
         Mode::PubSub => {
+            // `+PONG`: a PING while no channel is subscribed.
+            if matches!(&reply, Resp::Simple(_)) {
+                return Ok(());
+            }
             let Some(mut parts) = reply.into_array() else { return Err("a pub/sub reply that is not an array".into()) };
             if parts.len() < 2 {
                 return Err("a short pub/sub reply".into());
