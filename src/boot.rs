@@ -267,11 +267,15 @@ fn start(cli: &Cli) -> Result<(), StartError> {
             .map_err(StartError::Signal)?;
     }
 
+    let shard_count = plan.shard_cpus.len();
+    // The control core accepts its first connection only once every executor runs (its rings
+    // made), so a client that got in sees the whole engine: no core still starting behind it.
+    let cores_up = Arc::new(std::sync::Barrier::new(1 + CHANNEL_EXECUTORS + shard_count));
+
     // The channels executor: channel sockets and buffers, off the control core.
     let (channels, channels_core) =
-        crate::channels::start(wm, metrics.channels.clone(), shutdown.clone(), io_memory)?;
+        crate::channels::start(wm, metrics.channels.clone(), shutdown.clone(), io_memory, cores_up.clone())?;
 
-    let shard_count = plan.shard_cpus.len();
     let (shard_senders, shard_inboxes): (Vec<_>, Vec<_>) =
         (0..shard_count).map(|_| futures_channel::mpsc::unbounded()).unzip();
     let (control_requests_tx, control_requests_rx) = futures_channel::mpsc::unbounded();
@@ -307,7 +311,9 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         let micros = if plan.is_shared(cpu) { 0 } else { cli.spin_us };
         std::time::Duration::from_micros(micros)
     };
+    let control_up = cores_up.clone();
     let control = runtime::spawn_pinned("ringcast-control", plan.control_cpu, io_memory, spin_on(plan.control_cpu), move || {
+        control_up.wait();
         control::run(worker_fd, control_config, extra_listeners, control_metrics, control_flag, install)
     })?;
 
@@ -326,16 +332,20 @@ fn start(cli: &Cli) -> Result<(), StartError> {
         let ctx_peers = shard_senders.clone();
         let control_tx = control_requests_tx.clone();
         let metrics = metrics.clone();
-        let handle = runtime::spawn_pinned(&format!("ringcast-shard-{index}"), *cpu, io_memory, spin_on(*cpu), move || async move {
-            ringcast_shards::queue::start(queue_ctx, queue_inbox)?;
-            match (stream_config, listener) {
-                (Some(config), Some(listener)) => {
-                    let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config, metrics: metrics.shards.clone() };
-                    ringcast_shards::start::run(ctx, inbox, listener, flag).await
-                }
-                _ => {
-                    runtime::until_shutdown(&flag).await;
-                    Ok(())
+        let up = cores_up.clone();
+        let handle = runtime::spawn_pinned(&format!("ringcast-shard-{index}"), *cpu, io_memory, spin_on(*cpu), move || {
+            up.wait();
+            async move {
+                ringcast_shards::queue::start(queue_ctx, queue_inbox)?;
+                match (stream_config, listener) {
+                    (Some(config), Some(listener)) => {
+                        let ctx = ShardContext { index, peers: ctx_peers, control: control_tx, config, metrics: metrics.shards.clone() };
+                        ringcast_shards::start::run(ctx, inbox, listener, flag).await
+                    }
+                    _ => {
+                        runtime::until_shutdown(&flag).await;
+                        Ok(())
+                    }
                 }
             }
         });

@@ -165,6 +165,7 @@ pub fn start(
     metrics: Arc<ChannelMetrics>,
     shutdown: Arc<AtomicBool>,
     io_memory: usize,
+    cores_up: Arc<std::sync::Barrier>,
 ) -> Result<(Channels, glommio::ExecutorJoinHandle<()>), StartError> {
     let settings = ChannelSettings::from_config(config);
     let (commands, inbox) = futures_channel::mpsc::unbounded();
@@ -173,7 +174,10 @@ pub fn start(
     let handle = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .name("ringcast-channels")
         .io_memory(io_memory)
-        .spawn(move || relay::run(executor_settings, executor_metrics, inbox, shutdown))
+        .spawn(move || {
+            cores_up.wait();
+            relay::run(executor_settings, executor_metrics, inbox, shutdown)
+        })
         .map_err(StartError)?;
     Ok((Channels { commands, settings, metrics }, handle))
 }
