@@ -10,7 +10,11 @@ cd "$(dirname "$0")/.."
 
 skip() { echo "multinode: SKIPPED: $1"; exit 0; }
 [ "$(id -u)" = 0 ] || skip "needs root for network namespaces"
-command -v ip >/dev/null 2>&1 || skip "iproute2 (ip) is not installed"
+if ! command -v ip >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "multinode: installing iproute2"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null || true
+fi
+command -v ip >/dev/null 2>&1 || skip "iproute2 (ip) is not installed and could not be installed"
 REDIS="$(command -v redis-server || true)"
 [ -n "$REDIS" ] || skip "redis-server is not installed (tests/install_redis.sh)"
 PROFILE="${PROFILE:-release}"
