@@ -17,6 +17,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 RPORT=$(free_port)
 redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" >/dev/null 2>&1 &
 PIDS+=($!)
+REDIS_PID=$!
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$RPORT) 2>/dev/null && break; sleep 0.05; done
 
 node() { # node <name> <worker port> <stream port>
@@ -42,7 +43,7 @@ YAML
 AW=$(free_port) AS=$(free_port) BW=$(free_port) BS=$(free_port)
 node a "$AW" "$AS"
 node b "$BW" "$BS"
-A=ws://127.0.0.1:$AW/ B=ws://127.0.0.1:$BS/
+A=ws://127.0.0.1:$AW/ B=ws://127.0.0.1:$BS/ AL=ws://127.0.0.1:$AS/
 field() { python3 -c "import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(' '.join(f'{k}={d[k]}' for k in sys.argv[1:] if k in d))" "$@"; }
 
 echo "machine: $(nproc) CPUs; redis $(redis-server --version | awk '{print $3}'); two nodes, one shard each; $PROFILE build"
@@ -53,6 +54,18 @@ for rate in 100 1000; do
   echo -n "fanout across nodes at $rate sets/s (set on A, 1000 subscribers on B, 1 group, 128 B): "
   $LT fanout --worker-url $A --stream-url $B --subscribers 1000 --payload 128 --rate $rate --duration 5 --json 2>/dev/null \
     | field deliveries_per_s loss delivery_latency_p50_us delivery_latency_p99_us
+done
+# Same-node against cross-node in one run: the publisher on A, half the subscribers on A (node0)
+# and half on B (node1), so both see the same events at the same moment; Redis' own CPU time per
+# set is what cross-node fanout costs Redis (one publish per event, whatever the node count).
+for rate in 100 200; do
+  echo -n "same node (A) against cross node (B) at $rate sets/s, 1000 subscribers split over A and B: "
+  $LT fanout --worker-url $A --stream-url "$AL,$B" --subscribers 1000 --payload 128 --rate $rate --duration 5 \
+      --server-pid "$REDIS_PID" --json 2>/dev/null \
+    | python3 -c "import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); g=lambda k: d.get(k, 'n/a'); \
+print(f\"deliveries_per_s={g('deliveries_per_s')} loss={g('loss')} local_p50_us={g('node0_delivery_latency_p50_us')} local_p99_us={g('node0_delivery_latency_p99_us')} \
+remote_p50_us={g('node1_delivery_latency_p50_us')} remote_p99_us={g('node1_delivery_latency_p99_us')} \
+redis_cpu_us_per_set={d['server_cpu_s'] * 1e6 / max(d['sets_acked'], 1):.1f}\" if 'server_cpu_s' in d else 'redis CPU not measured')"
 done
 echo -n "stream::set through A over 64 groups, 1 subscriber on B (64 in flight): "
 $LT fanout --worker-url $A --stream-url $B --subscribers 1 --groups 64 --payload 128 --inflight 64 --duration 5 --json 2>/dev/null \

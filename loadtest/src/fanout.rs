@@ -28,13 +28,16 @@ pub struct FanoutArgs {
 /// Connects the subscribers, publishes for `--duration`, drains, and reports.
 pub fn run(c: &Common, a: FanoutArgs) -> Result<Report, String> {
     let wurl = c.parsed_worker_url()?;
-    let surl = c.parsed_stream_url()?;
+    let surls = c.parsed_stream_urls()?;
+    let nodes = surls.len();
     if a.subs == 0 {
         return Err("--subscribers must be ≥ 1".into());
     }
     sys::check_fd_limit(a.subs + 2)?;
     let mut rng = Rng::seeded();
-    let threads = c.threads.min(a.subs).max(1);
+    // Each node's subscribers get threads of their own, so each node's latency is measured apart.
+    let threads_per_node = (c.threads.min(a.subs).max(1) / nodes).max(1);
+    let threads = threads_per_node * nodes;
     let mut prog = Progress::new();
 
     let mut subs_per_group = vec![0u64; a.groups as usize];
@@ -44,8 +47,9 @@ pub fn run(c: &Common, a: FanoutArgs) -> Result<Report, String> {
     for j in 0..a.subs {
         let g = (j % a.groups as usize) as u32;
         subs_per_group[g as usize] += 1;
-        let conn = open_subscriber(&surl, &mut rng, &a.stream, &format!("g{g}"), a.sample_every)?;
-        buckets[j % threads].push(conn);
+        let node = j % nodes;
+        let conn = open_subscriber(&surls[node], &mut rng, &a.stream, &format!("g{g}"), a.sample_every)?;
+        buckets[node * threads_per_node + (j / nodes) % threads_per_node].push(conn);
         if now_ns() - last > NS {
             last = now_ns();
             prog.line(&format!(
@@ -143,6 +147,14 @@ pub fn run(c: &Common, a: FanoutArgs) -> Result<Report, String> {
         );
     }
     r.latency("delivery_latency", &st.hist);
+    if nodes > 1 {
+        // Subscribers of node k are in threads k·threads_per_node.. (see the buckets above).
+        for (k, outs) in outs.chunks(threads_per_node).enumerate() {
+            let (node_st, _) = runloop::merged_stats(outs);
+            r.int(&format!("node{k}_received_deliveries"), node_st.delivered);
+            r.latency(&format!("node{k}_delivery_latency"), &node_st.hist);
+        }
+    }
     r.latency("set_ack_latency", &cl.ack_hist);
     let cpu = cl.cpu_end - cl.cpu_start;
     r.num("harness_cpu_s", cpu, 2, "s");

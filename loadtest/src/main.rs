@@ -47,7 +47,8 @@ struct Common {
     /// Worker protocol URL (engine port)
     #[arg(long, global = true, default_value = "ws://127.0.0.1:49134/")]
     worker_url: String,
-    /// Stream subscriber URL
+    /// Stream subscriber URL; `fanout` takes several, comma-separated (one per node), spreads
+    /// the subscribers over them and reports each node's deliveries and latency
     #[arg(long, global = true, default_value = "ws://127.0.0.1:3112/")]
     stream_url: String,
     /// Measurement duration in seconds
@@ -270,6 +271,11 @@ impl Common {
     /// `--stream-url`, parsed (loopback unless `--allow-remote`).
     pub fn parsed_stream_url(&self) -> Result<WsUrl, String> {
         WsUrl::parse(&self.stream_url, self.allow_remote)
+    }
+
+    /// `--stream-url` as a comma-separated list of nodes, each parsed.
+    pub fn parsed_stream_urls(&self) -> Result<Vec<WsUrl>, String> {
+        self.stream_url.split(',').map(|u| WsUrl::parse(u.trim(), self.allow_remote)).collect()
     }
 }
 
