@@ -223,8 +223,48 @@ class Engine:
         return joined
 
 
+# RINGCAST_STREAM_ADAPTER=redis runs the suite's engines on the redis adapter (one redis-server
+# for the session, emptied before each engine), so the stream scenarios also prove the adapter.
+STREAM_ADAPTER = os.environ.get("RINGCAST_STREAM_ADAPTER", "kv")
+
+
+def _redis_command(port: int, *args: str) -> bytes:
+    """One RESP command to the loopback redis-server on `port`; its first reply line."""
+    request = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(request.encode())
+        return conn.makefile("rb").readline()
+
+
+@pytest.fixture(scope="session")
+def redis_port():
+    """A redis-server of this session on a free loopback port (only with RINGCAST_STREAM_ADAPTER=redis)."""
+    if STREAM_ADAPTER != "redis":
+        yield None
+        return
+    import shutil
+    binary = shutil.which("redis-server") or next(
+        (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server") if os.path.exists(p)), None)
+    if binary is None:
+        pytest.fail("RINGCAST_STREAM_ADAPTER=redis but redis-server is not installed (tests/install_redis.sh)", pytrace=False)
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: _try_ping(port), 10.0, what="redis-server to answer PING")
+    yield port
+    proc.kill()
+    proc.wait()
+
+
+def _try_ping(port: int) -> bool:
+    try:
+        return _redis_command(port, "PING").startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 @pytest.fixture
-def engine_factory(request, tmp_path):
+def engine_factory(request, tmp_path, redis_port):
     """Start engines on demand; every engine is stopped at teardown."""
     engines: list[Engine] = []
     request.node._ringcast_engines = engines
@@ -237,6 +277,11 @@ def engine_factory(request, tmp_path):
         stream_config: dict[str, Any] | None = None,
         extra_yaml: str = "",
     ) -> Engine:
+        if redis_port is not None and "adapter" not in (stream_config or {}):
+            if not engines:  # engines of one test share the store, as nodes of one deployment do
+                assert _redis_command(redis_port, "FLUSHALL").startswith(b"+OK")
+            adapter = {"name": "redis", "config": {"redis_url": f"redis://127.0.0.1:{redis_port}"}}
+            stream_config = {**(stream_config or {}), "adapter": adapter}
         eng = Engine(tmp_path, port=port, stream_port=stream_port, shards=shards, stream_config=stream_config, extra_yaml=extra_yaml)
         engines.append(eng)
         if start:

@@ -19,4 +19,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 
+if [ "$#" -eq 0 ]; then
+    .venv/bin/python -m pytest -q
+    # The stream scenarios again, on the redis adapter (test.sh installs redis-server).
+    echo "== Python SDK stream scenarios on the redis adapter =="
+    RINGCAST_STREAM_ADAPTER=redis exec .venv/bin/python -m pytest -q test_streams.py
+fi
 exec .venv/bin/python -m pytest -q "$@"
