@@ -136,11 +136,11 @@ class EngineProcess {
  * `streamConfig` adds keys to the `iii-stream` config block (values written as JSON, which
  * is valid YAML), e.g. `{ auth_function: 'auth::check', auth_required: true }`.
  * `extraWorkersYaml` is appended to the `workers:` list as it is (whole entries, indented by
- * two spaces), e.g. a second `iii-worker-manager` with an `rbac` block.
+ * two spaces), e.g. a second `iii-worker-manager` with an `rbac` block or an `iii-queue` block.
  * Resolves once TCP connects to the worker port and the stream (subscriber) port succeed.
  */
 export async function startEngine({
-  port, streamPort, shards = 1, streamConfig = {}, readyTimeoutMs = 10000, extraWorkersYaml = '', extraYaml = '',
+  port, streamPort, shards = 1, streamConfig = {}, readyTimeoutMs = 10000, extraWorkersYaml = '',
 } = {}) {
   const bin = engineBinary();
   if (!existsSync(bin)) {
@@ -162,8 +162,6 @@ export async function startEngine({
     `      port: ${S}`,
     ...Object.entries(streamConfig).map(([k, v]) => `      ${k}: ${JSON.stringify(v)}`),
     extraWorkersYaml,
-    // More worker blocks after iii-stream (an iii-queue block, say), as YAML text.
-    extraYaml,
     '',
   ].join('\n'));
 

@@ -17,7 +17,7 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{1
 
 before(async () => {
   engine = await startEngine({
-    extraYaml: [
+    extraWorkersYaml: [
       '  - name: iii-queue',
       '    config:',
       '      queue_configs:',
