@@ -11,7 +11,7 @@ BIN="$(cd "${FUZZ_BIN_DIR:-target/x86_64-unknown-linux-gnu/release}" && pwd)"
 TOTAL="${TOTAL:-10000000}"
 MAX_SECONDS="${MAX_SECONDS:-450}"
 OUTDIR="${OUT:-$(mktemp -d)}"
-TARGETS=(worker_frame subscriber_frame upgrade_request update_ops config store_recovery rbac_rules)
+TARGETS=(worker_frame subscriber_frame upgrade_request update_ops config store_recovery telemetry_frame http_function rbac_rules channel_request redis_reply redis_message)
 
 jobs_for() { # JOBS="name=n ..." overrides the default of one job per target
     local t=$1 kv

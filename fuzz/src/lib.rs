@@ -225,6 +225,8 @@ pub fn rbac_rules(data: &[u8]) {
     for namespace in ["default", "other"] {
         if let Some((_, round_trips)) = fuzzing::rbac_rule(rule.as_bytes(), &value, namespace, Some(&metadata)) {
             assert!(round_trips, "rule {rule:?} does not read back as itself");
+        }
+    }
 }
 
 /// A reply from Redis (the `redis` adapter's RESP2 parser): never panics; a reply parsed from
@@ -289,6 +291,9 @@ pub fn channel_request(data: &[u8]) {
         }
         Err(RequestError::NotFound) => {}
         Err(e) => assert!(target.starts_with(PATH_PREFIX), "{e} for a path outside the endpoint: {target:?}"),
+    }
+}
+
 /// An event message on a group channel (published by any Redis client): never panics, and what
 /// it reads lies within the message.
 pub fn redis_message(data: &[u8]) {
