@@ -266,7 +266,8 @@ fn glob_model(pattern: &str, value: &str) -> bool {
 /// routes connections to the channels executor. The first byte picks: 0..=127 the request
 /// target, else the first bytes of a connection.
 pub fn channel_request(data: &[u8]) {
-    use ringcast::channels::request::{Direction, Peeked, RequestError, PATH_PREFIX, REQUEST_LINE_PREFIX};
+    use ringcast::channels::request::{Peeked, RequestError, PATH_PREFIX, REQUEST_LINE_PREFIX};
+    use ringcast_shards::subscriber::upgrade::percent_decode;
     let Some((&mode, rest)) = data.split_first() else { return };
     if mode >= 128 {
         match fuzzing::channel_request_line(rest) {
@@ -281,13 +282,19 @@ pub fn channel_request(data: &[u8]) {
         Ok(request) => {
             assert!(target.starts_with(PATH_PREFIX), "accepted {target:?}");
             assert!(!request.channel_id.is_empty(), "empty channel id from {target:?}");
+            // The oracle: the first `key` and `dir` parameters (a name without `=` has an
+            // empty value), form-decoded, are what the parser returned.
             let query = target.split_once('?').map(|(_, q)| q).unwrap_or_default();
-            let dir = match request.dir {
-                Direction::Read => "dir=read",
-                Direction::Write => "dir=write",
+            let first = |name: &str| {
+                let raw = query.split('&').find_map(|p| match p.split_once('=') {
+                    Some((n, v)) if n == name => Some(v),
+                    None if p == name => Some(""),
+                    _ => None,
+                });
+                raw.and_then(|v| percent_decode(&v.replace('+', " ")))
             };
-            assert!(query.split('&').any(|p| p == dir), "direction {:?} not in {query:?}", request.dir);
-            assert!(query.split('&').any(|p| p.starts_with("key=")), "no key in {query:?}");
+            assert_eq!(first("dir").as_deref(), Some(request.dir.as_str()), "direction of {query:?}");
+            assert_eq!(first("key").as_deref(), Some(request.key.as_str()), "key of {query:?}");
         }
         Err(RequestError::NotFound) => {}
         Err(e) => assert!(target.starts_with(PATH_PREFIX), "{e} for a path outside the endpoint: {target:?}"),
