@@ -106,7 +106,8 @@ export RC_MN_B_WORKER="ws://$NET.4.2:49134/" RC_MN_B_STREAM="$NET.4.2:3112"
 export RC_MN_CUT_A="ip -n $NA link set ${P}ar down"
 export RC_MN_HEAL_A="ip -n $NA link set ${P}ar up && ip -n $NA addr replace $NET.1.2/24 dev ${P}ar"
 PROFILE_FLAG=(); [ "$PROFILE" = release ] && PROFILE_FLAG=(--release)
-if ! cargo test "${PROFILE_FLAG[@]}" --test redis -- --ignored --exact multinode_across_network_namespaces; then
+# --workspace: the same feature set as the main build, so nothing is rebuilt
+if ! cargo test "${PROFILE_FLAG[@]}" --workspace --test redis -- --ignored --exact multinode_across_network_namespaces; then
     echo "--- node A log"; cat "$WORK/$NA.log"; echo "--- node B log"; cat "$WORK/$NB.log"
     exit 1
 fi
