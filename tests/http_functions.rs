@@ -452,6 +452,34 @@ fn requests_waiting_for_a_thread_are_bounded_too() {
 }
 
 #[test]
+fn a_call_waiting_for_a_busy_thread_is_answered_at_its_deadline_and_never_sent() {
+    let server = TestServer::start("127.0.0.1");
+    let (engine, metrics) = engine_with("      threads: 1\n");
+    let mut owner = Worker::connect(&engine);
+    register_http(&mut owner, "d::long", json!({ "url": server.url("/slow/3500"), "timeout_ms": 5000 }));
+    register_http(&mut owner, "d::short", json!({ "url": server.url("/echo"), "timeout_ms": 200 }));
+    let mut caller = Worker::connect(&engine);
+    let long = send_call(&mut caller, "d::long");
+    wait_until(Duration::from_secs(2), "the long request to hold the one thread", || server.seen().len() == 1);
+    // The short call's request waits for the thread: its caller is answered 200 ms + the
+    // 1 s grace after the call, not after the long request.
+    let started = Instant::now();
+    let short = caller.call("d::short", json!({}));
+    let took = started.elapsed();
+    assert_eq!(error_code(&short), "http_request_failed", "{short}");
+    assert!(short["error"]["message"].as_str().unwrap().contains("1200 ms"), "{short}");
+    assert!(took >= Duration::from_millis(1200) && took < Duration::from_millis(2500), "answered after {took:?}");
+    let result = caller.recv_type("invocationresult");
+    assert_eq!((result["invocation_id"].as_str(), &result["result"]), (Some(long.as_str()), &json!({ "slow": true })), "{result}");
+    // The thread skipped the request whose caller had its answer: the server saw only one.
+    let echo = caller.call("d::long", json!({}));
+    assert!(echo["result"].is_object(), "{echo}");
+    let paths: Vec<String> = server.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(paths, ["/slow/3500", "/slow/3500"], "the given-up request was never sent");
+    assert_eq!(metric(metrics, "ringcast_http_function_timeouts_total"), 1);
+}
+
+#[test]
 fn request_bytes_held_by_unanswered_calls_are_bounded() {
     let server = TestServer::start("127.0.0.1");
     let (engine, metrics) = engine_with("      threads: 2\n      max_buffered_bytes: 1000\n");

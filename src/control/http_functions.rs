@@ -16,6 +16,10 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// How long past a request's own timeout its caller waits before it is answered anyway.
+const CALLER_DEADLINE_GRACE: Duration = Duration::from_secs(1);
 use std::sync::Arc;
 
 /// One registered HTTP-invoked function.
@@ -162,10 +166,22 @@ impl Engine {
         service.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         let weak = self.weak_self();
         let (service, function) = (service.clone(), function.clone());
+        // The request's own timeout normally answers first; this deadline covers what it does
+        // not: a wait for a free HTTP thread, a system DNS lookup that hangs. Giving up drops
+        // the answer's receiver, so a thread that had not started the request skips it.
+        let deadline = endpoint.timeout + CALLER_DEADLINE_GRACE;
         self.spawn(async move {
-            let outcome = match answer.await {
-                Ok(answer) => answer.outcome,
-                Err(_) => Err(ErrorBody::new("http_request_failed", "the HTTP request was dropped by its thread")),
+            let outcome = match futures_util::future::select(answer, std::pin::pin!(glommio::timer::sleep(deadline))).await {
+                futures_util::future::Either::Left((Ok(answer), _)) => answer.outcome,
+                futures_util::future::Either::Left((Err(_), _)) => {
+                    Err(ErrorBody::new("http_request_failed", "the HTTP request was dropped by its thread"))
+                }
+                futures_util::future::Either::Right(((), _)) => {
+                    service.metrics.timeouts_total.fetch_add(1, Ordering::Relaxed);
+                    service.metrics.errors_total.fetch_add(1, Ordering::Relaxed);
+                    let message = format!("no answer within {} ms: no HTTP thread was free, or it is stuck (a DNS lookup that hangs?)", deadline.as_millis());
+                    Err(ErrorBody::new("http_request_failed", message))
+                }
             };
             service.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
             if let Some(engine) = weak.upgrade() {

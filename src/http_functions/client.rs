@@ -77,7 +77,8 @@ enum Auth {
 pub struct Endpoint {
     url: String,
     method: Method,
-    timeout: Duration,
+    /// Limit of one request, connection and answer included.
+    pub timeout: Duration,
     headers: Vec<(String, String)>,
     auth: Option<Auth>,
     /// `host:port` when the URL's host is a name: resolved and checked at each connection
@@ -314,6 +315,8 @@ fn run_thread(agent: &ureq::Agent, resolver: &AllowlistResolver, queue: &Mutex<R
         let next = queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).recv();
         let (request, reply) = match next {
             Err(_) => return,
+            // Its caller was answered already (its deadline passed while it waited).
+            Ok(Job::Call { reply, .. }) if reply.is_canceled() => continue,
             Ok(Job::Call { request, reply }) => (request, reply),
             Ok(Job::Probe { netloc, reply }) => {
                 let checked = ureq::Resolver::resolve(resolver, &netloc).map(drop).map_err(|e| match e.get_ref().and_then(|inner| inner.downcast_ref::<Refused>()) {
