@@ -296,6 +296,14 @@ pub struct RedisConfig {
     /// password.
     #[serde(default = "default_redis_url", serialize_with = "url_without_password")]
     pub redis_url: String,
+    /// Joins one shard holds while their groups' snapshots cannot be read (Redis down); past
+    /// this a join closes its connection with 1013 "try again later" (ringcast's own key).
+    #[serde(default = "default_max_waiting_joins")]
+    pub max_waiting_joins: usize,
+}
+
+fn default_max_waiting_joins() -> usize {
+    65_536
 }
 
 /// A `redis://` URL as printed: a password between `:` and `@` becomes `***`.
@@ -479,7 +487,7 @@ fn parse_adapter(stream_block: &serde_yaml::Value, origin: &str) -> Result<Adapt
 fn parse_redis_adapter(adapter: &serde_yaml::Value, origin: &str) -> Result<Adapter, ConfigError> {
     let section = "iii-stream: adapter redis";
     let redis: RedisConfig = match adapter.get("config") {
-        None | Some(serde_yaml::Value::Null) => RedisConfig { redis_url: default_redis_url() },
+        None | Some(serde_yaml::Value::Null) => RedisConfig { redis_url: default_redis_url(), max_waiting_joins: default_max_waiting_joins() },
         Some(block) => decode_section(block, section, origin)?,
     };
     ringcast_shards::redis::RedisUrl::parse(&redis.redis_url).map_err(|e| ConfigError::InvalidValue {

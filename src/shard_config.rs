@@ -14,10 +14,10 @@ fn millis_or_off(ms: u64) -> Option<Duration> {
 /// The shard configuration the `iii-stream` section describes (its `kv` adapter included).
 pub fn shard_config(stream: &StreamConfig) -> ShardConfig {
     let kv = stream.kv();
-    let redis = stream.redis().and_then(|r| ringcast_shards::redis::RedisUrl::parse(&r.redis_url).ok());
+    let redis = stream.redis().and_then(|r| Some((ringcast_shards::redis::RedisUrl::parse(&r.redis_url).ok()?, r.max_waiting_joins)));
     let location = match (&redis, kv.store_method) {
         // The URL was checked when the config was parsed.
-        (Some(url), _) => StoreLocation::Redis { url: url.clone() },
+        (Some((url, max_waiting_joins)), _) => StoreLocation::Redis { url: url.clone(), max_waiting_joins: *max_waiting_joins },
         (None, StoreMethod::InMemory) => StoreLocation::Memory,
         (None, StoreMethod::FileBased) => StoreLocation::File {
             root: PathBuf::from(&kv.file_path),

@@ -369,6 +369,44 @@ fn redis_restart_fails_writes_meanwhile_and_resyncs_subscribers_without_losing_a
     assert_eq!(held, expected, "every acknowledged write is held after the restart");
 }
 
+#[test]
+fn joins_waiting_for_redis_are_bounded_and_refused_with_1013_past_the_bound() {
+    let Some(mut redis) = redis() else { return };
+    let config = format!("{}          max_waiting_joins: 3\n", adapter(&redis.url()));
+    let node = Engine::start_with("", &config, &["--shards", "1"]);
+    redis.stop();
+    // Three joins wait for their groups' snapshots; the fourth on the same connection (so
+    // after them) finds the bound reached and the connection is closed with "try again later".
+    let mut first = Subscriber::connect(&node);
+    for g in ["g0", "g1", "g2", "g3"] {
+        first.join(g, "w", g, None);
+    }
+    assert_eq!(first.recv_close(), Some(1013));
+    // The three keep their places (the owner cannot tell a subscriber that left from a slow
+    // one), so a join from anyone else is refused as well while Redis is down.
+    let mut second = Subscriber::connect(&node);
+    second.join("g4", "w", "g4", None);
+    assert_eq!(second.recv_close(), Some(1013));
+
+    // Once Redis is back the waiting joins are served (and given back), and joins work again.
+    redis.start();
+    wait_until(Duration::from_secs(10), "a join to be taken again", || {
+        let mut later = Subscriber::connect(&node);
+        later.join("g5", "w", "g5", None);
+        match later.ws.read() {
+            Ok(tungstenite::Message::Text(text)) => {
+                assert!(text.contains(r#""type":"sync""#), "{text}");
+                true
+            }
+            Ok(tungstenite::Message::Close(frame)) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(1013));
+                false
+            }
+            other => panic!("neither a sync nor a close: {other:?}"),
+        }
+    });
+}
+
 /// Sends one command to Redis on a connection of its own; returns the raw reply.
 fn redis_command(port: u16, args: &[&str]) -> String {
     use std::io::{Read, Write};

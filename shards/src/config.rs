@@ -67,7 +67,7 @@ pub enum StoreLocation {
     File { root: PathBuf, segment_size: u64, compaction_threshold: f64 },
     /// The `redis` adapter: items in Redis at `url`, shared with other nodes; the shard's memory
     /// store mirrors only the groups it has subscribers of.
-    Redis { url: crate::redis::RedisUrl },
+    Redis { url: crate::redis::RedisUrl, max_waiting_joins: usize },
 }
 
 /// When a write is acknowledged (and its event published).

@@ -77,15 +77,15 @@ impl Shard {
             redis: None,
         }));
         shard.borrow_mut().self_ref = Rc::downgrade(&shard);
-        let redis_url = match &shard.borrow().ctx.config.store.location {
-            crate::config::StoreLocation::Redis { url } => Some(url.clone()),
+        let redis = match &shard.borrow().ctx.config.store.location {
+            crate::config::StoreLocation::Redis { url, max_waiting_joins } => Some((url.clone(), *max_waiting_joins)),
             _ => None,
         };
-        if let Some(url) = redis_url {
+        if let Some((url, max_waiting_joins)) = redis {
             match crate::redis::backend::resolve(&url) {
                 Some(addr) => {
                     let max_value = shard.borrow().ctx.config.max_value_bytes;
-                    let backend = crate::redis::backend::RedisBackend::start(&url, addr, Rc::downgrade(&shard), max_value);
+                    let backend = crate::redis::backend::RedisBackend::start(&url, addr, Rc::downgrade(&shard), max_value, max_waiting_joins);
                     shard.borrow_mut().redis = Some(Box::new(backend));
                 }
                 None => tracing::error!("redis: cannot resolve {}; every stream operation will fail", url.address()),

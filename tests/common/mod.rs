@@ -203,17 +203,7 @@ impl Worker {
 
     /// Waits for the close frame and returns its code.
     pub fn recv_close(&mut self) -> Option<u16> {
-        loop {
-            match self.ws.read() {
-                Ok(Message::Close(frame)) => return frame.map(|f| f.code.into()),
-                Ok(_) => continue,
-                Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => return None,
-                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
-                    panic!("no close within {FRAME_WAIT:?}")
-                }
-                Err(_) => return None,
-            }
-        }
+        read_close(&mut self.ws)
     }
 
     /// Round-trips a JSON ping: every frame the engine queued for this socket before it read
@@ -302,6 +292,22 @@ pub fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// Reads until the close frame (skipping other frames) and returns its code; `None` when the
+/// connection ended without one.
+fn read_close(ws: &mut WebSocket<MaybeTlsStream<TcpStream>>) -> Option<u16> {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(frame)) => return frame.map(|f| f.code.into()),
+            Ok(_) => continue,
+            Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => return None,
+            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                panic!("no close within {FRAME_WAIT:?}")
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
 /// A raw subscriber on the stream port.
 pub struct Subscriber {
     pub ws: WebSocket<MaybeTlsStream<TcpStream>>,
@@ -342,6 +348,11 @@ impl Subscriber {
                 Err(e) => panic!("no frame within {FRAME_WAIT:?}: {e}"),
             }
         }
+    }
+
+    /// Waits for the close frame and returns its code.
+    pub fn recv_close(&mut self) -> Option<u16> {
+        read_close(&mut self.ws)
     }
 
     /// Joins and returns the sync frame.

@@ -48,6 +48,8 @@ use std::time::Duration;
 /// Bytes of events a group may hold while its snapshot is read; past it they are dropped and
 /// the snapshot is read again (it then holds them).
 pub const MAX_BUFFER_BYTES: usize = 8 << 20;
+/// Close code and reason of a join refused while too many wait for Redis.
+const CLOSE_REDIS_UNAVAILABLE: (u16, &str) = (1013, "redis is unavailable: try again later");
 /// Pause before a failed snapshot read is tried again.
 const SNAPSHOT_RETRY: Duration = Duration::from_millis(250);
 /// Compare-and-set attempts of one `stream::update` against writes from other nodes.
@@ -101,11 +103,16 @@ pub struct RedisBackend {
     updates: HashMap<(GroupKey, String), VecDeque<QueuedUpdate>>,
     next_gen: u64,
     max_value_bytes: usize,
+    /// Joins in the groups' `joins`, over all groups, and their bound. A join waits there only
+    /// while its group is not live; one whose subscriber left meanwhile is not told apart, so
+    /// without the bound a client joining and leaving during a Redis outage would grow it.
+    waiting_joins: usize,
+    max_waiting_joins: usize,
 }
 
 impl RedisBackend {
     /// Starts the shard's two connections (commands, pub/sub), reporting to `shard`.
-    pub fn start(url: &RedisUrl, addr: SocketAddr, shard: Weak<RefCell<Shard>>, max_value_bytes: usize) -> RedisBackend {
+    pub fn start(url: &RedisUrl, addr: SocketAddr, shard: Weak<RefCell<Shard>>, max_value_bytes: usize, max_waiting_joins: usize) -> RedisBackend {
         let cmd = Client::commands(url.clone(), addr, "commands");
         let pubsub = Client::pubsub(url.clone(), addr, "pub/sub");
         if let Some(s) = shard.upgrade() {
@@ -135,6 +142,8 @@ impl RedisBackend {
             updates: HashMap::new(),
             next_gen: 0,
             max_value_bytes,
+            waiting_joins: 0,
+            max_waiting_joins,
         }
     }
 
@@ -605,13 +614,22 @@ impl Shard {
     /// A join at the owner: answered from the mirror once the group is live.
     pub(crate) fn redis_join(&mut self, join: JoinRequest, out: &mut Vec<OwnerOutput>) {
         let key = join.key.clone();
-        let Some(backend) = self.backend() else { return };
+        let Some(backend) = self.backend() else {
+            return out.push(OwnerOutput::Synced { join, snapshot: Err(CLOSE_REDIS_UNAVAILABLE) });
+        };
+        let live = backend.groups.get(&key).map(|group| group.phase == Phase::Live);
+        if live == Some(true) {
+            self.owner.join(join, out);
+            return;
+        }
+        if backend.waiting_joins >= backend.max_waiting_joins {
+            tracing::warn!(limit = backend.max_waiting_joins, "redis: a join refused, too many joins wait for their groups' snapshots (is Redis down?)");
+            out.push(OwnerOutput::Synced { join, snapshot: Err(CLOSE_REDIS_UNAVAILABLE) });
+            return;
+        }
+        backend.waiting_joins += 1;
         if let Some(group) = backend.groups.get_mut(&key) {
-            if group.phase == Phase::Live {
-                self.owner.join(join, out);
-            } else {
-                group.joins.push(join);
-            }
+            group.joins.push(join);
             return;
         }
         let channel = Bytes::from(scripts::channel(&key.0, &key.1));
@@ -862,9 +880,16 @@ impl Shard {
                 group.buffer.push_back(payload);
             }
         }
-        let joins = match self.redis.as_deref_mut().and_then(|b| b.groups.get_mut(&key)) {
-            Some(group) if group.phase == Phase::Live => std::mem::take(&mut group.joins),
-            _ => Vec::new(),
+        let joins = match self.redis.as_deref_mut() {
+            Some(backend) => match backend.groups.get_mut(&key) {
+                Some(group) if group.phase == Phase::Live => {
+                    let joins = std::mem::take(&mut group.joins);
+                    backend.waiting_joins = backend.waiting_joins.saturating_sub(joins.len());
+                    joins
+                }
+                _ => Vec::new(),
+            },
+            None => Vec::new(),
         };
         for join in joins {
             self.owner.join(join, &mut out);
