@@ -9,7 +9,7 @@ PROFILE=${1:-release}
 if [ "$PROFILE" = release ]; then cargo build --release -q -p ringcast -p ringcast-loadtest; else cargo build -q -p ringcast -p ringcast-loadtest; fi
 ENGINE=target/$PROFILE/ringcast
 LT=target/$PROFILE/ringcast-loadtest
-command -v redis-server >/dev/null || { echo "redis-server is not installed (tests/install_redis.sh)"; exit 1; }
+command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { echo "redis-server and redis-cli are not installed (tests/install_redis.sh)"; exit 1; }
 DIR=$(mktemp -d)
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill $p 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$DIR"' EXIT
@@ -58,14 +58,27 @@ done
 # Same-node against cross-node in one run: the publisher on A, half the subscribers on A (node0)
 # and half on B (node1), so both see the same events at the same moment; Redis' own CPU time per
 # set is what cross-node fanout costs Redis (one publish per event, whatever the node count).
+# Redis' own account of the scripts (each stores, counts and publishes one event): its
+# commandstats, reset before each run, give calls and microseconds per call.
+script_cost() {
+  redis-cli -p "$RPORT" INFO commandstats | tr -d '\r' | python3 -c "import sys
+calls = usec = 0
+for line in sys.stdin:
+    if line.startswith(('cmdstat_evalsha:', 'cmdstat_eval:')):
+        f = dict(kv.split('=') for kv in line.split(':', 1)[1].split(','))
+        calls += int(f['calls']); usec += float(f['usec'])
+print(f'redis_script_calls={calls} redis_script_us_per_call={usec / max(calls, 1):.1f}')"
+}
 for rate in 100 200; do
   echo -n "same node (A) against cross node (B) at $rate sets/s, 1000 subscribers split over A and B: "
+  redis-cli -p "$RPORT" CONFIG RESETSTAT >/dev/null
   $LT fanout --worker-url $A --stream-url "$AL,$B" --subscribers 1000 --payload 128 --rate $rate --duration 5 \
       --server-pid "$REDIS_PID" --json 2>/dev/null \
     | python3 -c "import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); g=lambda k: d.get(k, 'n/a'); \
 print(f\"deliveries_per_s={g('deliveries_per_s')} loss={g('loss')} local_p50_us={g('node0_delivery_latency_p50_us')} local_p99_us={g('node0_delivery_latency_p99_us')} \
 remote_p50_us={g('node1_delivery_latency_p50_us')} remote_p99_us={g('node1_delivery_latency_p99_us')} \
-redis_cpu_us_per_set={d['server_cpu_s'] * 1e6 / max(d['sets_acked'], 1):.1f}\" if 'server_cpu_s' in d else 'redis CPU not measured')"
+sets_acked={d.get('sets_acked')} redis_cpu_us_per_set={d['server_cpu_s'] * 1e6 / max(d['sets_acked'], 1):.1f}\" if 'server_cpu_s' in d else 'redis CPU not measured', end=' ')"
+  script_cost
 done
 echo -n "stream::set through A over 64 groups, 1 subscriber on B (64 in flight): "
 $LT fanout --worker-url $A --stream-url $B --subscribers 1 --groups 64 --payload 128 --inflight 64 --duration 5 --json 2>/dev/null \
