@@ -276,15 +276,24 @@ fn a_request_past_its_timeout_fails_and_is_counted() {
     register_http(&mut owner, "t::default", json!({ "url": server.url("/slow/5000") }));
     let mut caller = Worker::connect(&engine);
     for (id, limit) in [("t::own", 300), ("t::default", 400)] {
-        let started = Instant::now();
-        let result = caller.call(id, json!({}));
-        let took = started.elapsed();
-        assert_eq!(error_code(&result), "http_request_failed", "{result}");
-        assert!(result["error"]["message"].as_str().unwrap().contains(&format!("{limit} ms")), "{result}");
-        assert!(took >= Duration::from_millis(limit) && took < Duration::from_millis(limit + 1500), "{id} answered after {took:?}");
+        assert_times_out(&mut caller, id, limit, 1500);
     }
     assert_eq!(metric(metrics, "ringcast_http_function_timeouts_total"), 2);
     wait_until(Duration::from_secs(2), "no request in flight", || metric(metrics, "ringcast_http_function_in_flight") == 0);
+}
+
+/// Calls `function_id` and asserts that it fails with "no answer within `limit_ms` ms", answered
+/// no sooner than that and less than `slack_ms` later.
+fn assert_times_out(caller: &mut Worker, function_id: &str, limit_ms: u64, slack_ms: u64) {
+    let started = Instant::now();
+    let result = caller.call(function_id, json!({}));
+    let took = started.elapsed();
+    assert_eq!(error_code(&result), "http_request_failed", "{result}");
+    assert!(result["error"]["message"].as_str().unwrap().contains(&format!("{limit_ms} ms")), "{result}");
+    assert!(
+        took >= Duration::from_millis(limit_ms) && took < Duration::from_millis(limit_ms + slack_ms),
+        "{function_id} answered after {took:?}"
+    );
 }
 
 /// Sends a call without waiting for its answer; returns its invocation id.
@@ -463,17 +472,12 @@ fn a_call_waiting_for_a_busy_thread_is_answered_at_its_deadline_and_never_sent()
     wait_until(Duration::from_secs(2), "the long request to hold the one thread", || server.seen().len() == 1);
     // The short call's request waits for the thread: its caller is answered 200 ms + the
     // 1 s grace after the call, not after the long request.
-    let started = Instant::now();
-    let short = caller.call("d::short", json!({}));
-    let took = started.elapsed();
-    assert_eq!(error_code(&short), "http_request_failed", "{short}");
-    assert!(short["error"]["message"].as_str().unwrap().contains("1200 ms"), "{short}");
-    assert!(took >= Duration::from_millis(1200) && took < Duration::from_millis(2500), "answered after {took:?}");
+    assert_times_out(&mut caller, "d::short", 1200, 1300);
     let result = caller.recv_type("invocationresult");
     assert_eq!((result["invocation_id"].as_str(), &result["result"]), (Some(long.as_str()), &json!({ "slow": true })), "{result}");
     // The thread skipped the request whose caller had its answer: the server saw only one.
-    let echo = caller.call("d::long", json!({}));
-    assert!(echo["result"].is_object(), "{echo}");
+    let again = caller.call("d::long", json!({}));
+    assert!(again["result"].is_object(), "{again}");
     let paths: Vec<String> = server.seen().iter().map(|s| s.path.clone()).collect();
     assert_eq!(paths, ["/slow/3500", "/slow/3500"], "the given-up request was never sent");
     assert_eq!(metric(metrics, "ringcast_http_function_timeouts_total"), 1);

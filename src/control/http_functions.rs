@@ -15,12 +15,13 @@ use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use futures_util::future::{select, Either};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long past a request's own timeout its caller waits before it is answered anyway.
 const CALLER_DEADLINE_GRACE: Duration = Duration::from_secs(1);
-use std::sync::Arc;
 
 /// One registered HTTP-invoked function.
 pub struct HttpFunction {
@@ -171,12 +172,10 @@ impl Engine {
         // the answer's receiver, so a thread that had not started the request skips it.
         let deadline = endpoint.timeout + CALLER_DEADLINE_GRACE;
         self.spawn(async move {
-            let outcome = match futures_util::future::select(answer, std::pin::pin!(glommio::timer::sleep(deadline))).await {
-                futures_util::future::Either::Left((Ok(answer), _)) => answer.outcome,
-                futures_util::future::Either::Left((Err(_), _)) => {
-                    Err(ErrorBody::new("http_request_failed", "the HTTP request was dropped by its thread"))
-                }
-                futures_util::future::Either::Right(((), _)) => {
+            let outcome = match select(answer, std::pin::pin!(glommio::timer::sleep(deadline))).await {
+                Either::Left((Ok(answer), _)) => answer.outcome,
+                Either::Left((Err(_), _)) => Err(ErrorBody::new("http_request_failed", "the HTTP request was dropped by its thread")),
+                Either::Right(((), _)) => {
                     service.metrics.timeouts_total.fetch_add(1, Ordering::Relaxed);
                     service.metrics.errors_total.fetch_add(1, Ordering::Relaxed);
                     let message = format!("no answer within {} ms: no HTTP thread was free, or it is stuck (a DNS lookup that hangs?)", deadline.as_millis());

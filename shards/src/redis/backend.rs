@@ -166,6 +166,16 @@ impl RedisBackend {
         self.pubsub.stop();
     }
 
+    /// Takes the joins waiting for `key` once its group is live, giving back their places.
+    fn take_live_joins(&mut self, key: &GroupKey) -> Vec<JoinRequest> {
+        let joins = match self.groups.get_mut(key) {
+            Some(group) if group.phase == Phase::Live => std::mem::take(&mut group.joins),
+            _ => return Vec::new(),
+        };
+        self.waiting_joins = self.waiting_joins.saturating_sub(joins.len());
+        joins
+    }
+
     fn subscribe(&mut self, channel: &Bytes) {
         if self.pubsub.pubsub_command(b"SUBSCRIBE", channel) {
             *self.acks.entry(channel.clone()).or_default() += 1;
@@ -617,8 +627,7 @@ impl Shard {
         let Some(backend) = self.backend() else {
             return out.push(OwnerOutput::Synced { join, snapshot: Err(CLOSE_REDIS_UNAVAILABLE) });
         };
-        let live = backend.groups.get(&key).map(|group| group.phase == Phase::Live);
-        if live == Some(true) {
+        if backend.groups.get(&key).is_some_and(|group| group.phase == Phase::Live) {
             self.owner.join(join, out);
             return;
         }
@@ -880,17 +889,7 @@ impl Shard {
                 group.buffer.push_back(payload);
             }
         }
-        let joins = match self.redis.as_deref_mut() {
-            Some(backend) => match backend.groups.get_mut(&key) {
-                Some(group) if group.phase == Phase::Live => {
-                    let joins = std::mem::take(&mut group.joins);
-                    backend.waiting_joins = backend.waiting_joins.saturating_sub(joins.len());
-                    joins
-                }
-                _ => Vec::new(),
-            },
-            None => Vec::new(),
-        };
+        let joins = self.redis.as_deref_mut().map(|backend| backend.take_live_joins(&key)).unwrap_or_default();
         for join in joins {
             self.owner.join(join, &mut out);
         }
